@@ -1,0 +1,34 @@
+"""mqmq: a small, fast message queue for Twisted, wire-compatible with the Go mqmq."""
+
+from mqmq.address import DEFAULT_ADDRESS
+from mqmq.broker import Broker
+from mqmq.client import MQClient, connect, connect_endpoint
+from mqmq.errors import (
+    BadResponse,
+    ConnectionClosed,
+    GetTimeout,
+    InvalidArgument,
+    MQError,
+    ServerError,
+)
+from mqmq.info import ServerInfo
+from mqmq.server import MQServerFactory, MQServerProtocol
+from mqmq.service import MQService
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "BadResponse",
+    "Broker",
+    "ConnectionClosed",
+    "GetTimeout",
+    "InvalidArgument",
+    "MQClient",
+    "MQError",
+    "MQServerFactory",
+    "MQServerProtocol",
+    "MQService",
+    "ServerError",
+    "ServerInfo",
+    "connect",
+    "connect_endpoint",
+]

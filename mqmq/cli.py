@@ -1,0 +1,244 @@
+"""The ``mqmq`` command: run a server, or talk to one from a shell."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+from typing import Any, NoReturn, Optional, Sequence, TextIO
+
+from twisted.internet import defer, task
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    formatEvent,
+    globalLogBeginner,
+)
+from twisted.python import usage
+from zope.interface import provider
+
+from mqmq import errors, tap
+from mqmq.address import DEFAULT_ADDRESS, parse_address
+from mqmq.client import MQClient, connect
+
+#: Exit status of ``mqmq get`` when no message arrived before the timeout.
+EXIT_TIMEOUT = 3
+#: Exit status for a failure: refused connection, server error and the like.
+EXIT_FAILURE = 1
+#: Exit status for bad arguments.
+EXIT_USAGE = 2
+
+log = Logger(namespace="mqmq")
+
+# Go's signal names, as the original logs them.
+_SIGNAL_NAMES = {signal.SIGINT: "interrupt", signal.SIGTERM: "terminated"}
+
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go duration such as ``300ms``, ``1.5s`` or ``1m30s``.
+
+    :raises ValueError: for anything Go's ``time.ParseDuration`` refuses.
+    """
+    body = text.lstrip("+-")
+    sign = -1.0 if text.startswith("-") else 1.0
+    if body == "0":
+        return 0.0
+    seconds = 0.0
+    position = 0
+    while position < len(body):
+        match = _DURATION_PART.match(body, position)
+        if match is None or match.group(1) in ("", "."):
+            raise ValueError(f"invalid duration {text!r} (want e.g. 500ms, 2s, 1m30s)")
+        seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not body or len(text) - len(body) > 1:
+        raise ValueError(f"invalid duration {text!r} (want e.g. 500ms, 2s, 1m30s)")
+    return sign * seconds
+
+
+class _AddressOptions(usage.Options):
+    optParameters: list[list[Any]] = [
+        ["addr", "a", DEFAULT_ADDRESS, "Server address HOST:PORT."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            parse_address(self["addr"])
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+class StartOptions(tap.Options):
+    synopsis = "[options]"
+    longdesc = "Runs the server until SIGINT or SIGTERM."
+
+
+class InfoOptions(_AddressOptions):
+    synopsis = "[--addr HOST:PORT]"
+    longdesc = "Prints the server's connections, queues and message counts."
+
+
+class PutOptions(_AddressOptions):
+    synopsis = "[--addr HOST:PORT] QUEUE [MESSAGE]"
+    longdesc = "Puts MESSAGE (standard input when MESSAGE is - or missing) on QUEUE."
+
+    def parseArgs(self, queue: str, message: Optional[str] = None) -> None:
+        self["queue"] = queue
+        self["message"] = message
+
+
+class GetOptions(_AddressOptions):
+    synopsis = "[--addr HOST:PORT] [--timeout DURATION] QUEUE"
+    longdesc = (
+        "Takes the oldest message of QUEUE and writes its bytes to standard "
+        "output, waiting up to DURATION for one. Exits with status "
+        f"{EXIT_TIMEOUT} if none arrived in time."
+    )
+    optParameters: list[list[Any]] = [
+        ["timeout", "t", "0s", "How long to wait for a message: a Go duration such as 500ms, 5s, 1m."],
+    ]
+
+    def parseArgs(self, queue: str) -> None:
+        self["queue"] = queue
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        try:
+            self["seconds"] = parse_duration(self["timeout"])
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+        if self["seconds"] > 3600:
+            raise usage.UsageError(f"timeout {self['timeout']} is above one hour")
+
+
+class Options(usage.Options):
+    synopsis = "mqmq COMMAND [options]"
+    longdesc = "Long options may be written Go-style, with one dash: -addr HOST:PORT."
+    subCommands = [
+        ["start", None, StartOptions, "Run a server."],
+        ["info", None, InfoOptions, "Show a server's connections, queues and messages."],
+        ["put", None, PutOptions, "Put a message on a queue."],
+        ["get", None, GetOptions, "Take a message from a queue."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("missing command: one of start, info, put, get")
+
+
+def _go_style_flags(argv: Sequence[str]) -> list[str]:
+    """Accept the original's one-dash long flags (``-addr``) beside ``--addr``."""
+    return [
+        "-" + argument if re.match(r"-[a-z]{2,}(=|\Z)", argument) else argument
+        for argument in argv
+    ]
+
+
+@provider(ILogObserver)
+def _go_log_line(event: dict[str, Any], stream: TextIO = sys.stderr) -> None:
+    # Go's log package: "2009/11/10 23:00:00 INFO: message".
+    level = event.get("log_level", LogLevel.info)
+    label = {LogLevel.warn: "WARNING", LogLevel.error: "ERROR", LogLevel.critical: "ERROR"}.get(
+        level, level.name.upper()
+    )
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(event.get("log_time", time.time())))
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None and level >= LogLevel.error:
+        text += f": {failure.getErrorMessage()}"
+    stream.write(f"{stamp} {label}: {text}\n")
+    stream.flush()
+
+
+def _start(options: StartOptions) -> NoReturn:
+    from twisted.internet import reactor
+
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    levels.setLogLevelForNamespace("mqmq", LogLevel.info)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(_go_log_line, [levels])], redirectStandardIO=False
+    )
+    server = tap.makeService(options, reactor)
+    try:
+        server.privilegedStartService()
+        server.startService()
+    except Exception as error:  # a taken port, a bad endpoint: say so and leave
+        log.error("cannot start server: {error}", error=error)
+        raise SystemExit(EXIT_FAILURE)
+    addresses = ", ".join(_describe(port.getHost()) for port in server.ports)
+    log.info("starting server: {address}", address=addresses)
+
+    def stop(signal_name: str) -> None:
+        log.info("received signal: {signal}", signal=signal_name)
+        stopping = defer.maybeDeferred(server.stopService)
+        stopping.addBoth(lambda _: reactor.stop())
+
+    def on_signal(number: int, _frame: Any) -> None:
+        reactor.callFromThread(stop, _SIGNAL_NAMES.get(number, str(number)))
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    reactor.run(installSignalHandlers=False)
+    log.info("server stopped: {address}", address=addresses)
+    raise SystemExit(0)
+
+
+def _describe(address: Any) -> str:
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(getattr(address, "name", address))
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+async def _client_command(reactor: Any, options: usage.Options) -> None:
+    command = options.subCommand
+    sub = options.subOptions
+    try:
+        client: MQClient = await connect(reactor, sub["addr"])
+    except Exception as error:
+        _fail(f"cannot connect to {sub['addr']}: {error}")
+    try:
+        if command == "info":
+            sys.stdout.write((await client.info()).format_text())
+        elif command == "put":
+            message = sub["message"]
+            body = sys.stdin.buffer.read() if message in (None, "-") else message.encode("utf-8")
+            await client.put(sub["queue"], body)
+        elif command == "get":
+            try:
+                message_bytes = await client.get(sub["queue"], sub["seconds"])
+            except errors.GetTimeout:
+                await client.disconnect()
+                raise SystemExit(EXIT_TIMEOUT)
+            sys.stdout.buffer.write(message_bytes)
+            sys.stdout.flush()
+        await client.disconnect()
+    except errors.MQError as error:
+        _fail(str(error))
+
+
+def _fail(message: str, status: int = EXIT_FAILURE) -> NoReturn:
+    sys.stderr.write(f"mqmq: {message}\n")
+    raise SystemExit(status)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """Entry point of the ``mqmq`` command."""
+    options = Options()
+    try:
+        options.parseOptions(_go_style_flags(sys.argv[1:] if argv is None else argv))
+    except usage.UsageError as error:
+        _fail(f"{error} (see mqmq --help)", EXIT_USAGE)
+    if options.subCommand == "start":
+        _start(options.subOptions)
+    task.react(lambda reactor: defer.ensureDeferred(_client_command(reactor, options)))
+    raise AssertionError("react() returned")  # pragma: no cover

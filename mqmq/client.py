@@ -1,0 +1,190 @@
+"""A Deferred-based mqmq client, in the manner of ``twisted.protocols.memcache``.
+
+Every request returns a Deferred.  Requests may be pipelined: each one in
+flight waits in a queue, and replies, which the server sends in request
+order, are matched to them in that order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Optional, Union
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
+
+from mqmq import errors
+from mqmq.address import DEFAULT_ADDRESS, parse_address
+from mqmq.codec import MAX_QUEUE_NAME_LENGTH, decode_payload, encode_frame
+from mqmq.commands import ERROR, GET, INFO, OK, PUT, QUIT, TIMEOUT, MAX_TIMEOUT_MS
+from mqmq.framing import FrameReceiver
+from mqmq.info import ServerInfo
+
+QueueName = Union[str, bytes]
+
+
+def _reply_ok(values: list[bytes]) -> None:
+    if values[0] != OK:
+        raise errors.BadResponse(f"unexpected reply {values!r}")
+
+
+def _reply_message(values: list[bytes]) -> bytes:
+    if values[0] != OK or len(values) < 2:
+        raise errors.BadResponse(f"unexpected reply to Get: {values[:2]!r}")
+    return values[1]
+
+
+def _reply_info(values: list[bytes]) -> ServerInfo:
+    if values[0] != OK or len(values) < 2:
+        raise errors.BadResponse(f"unexpected reply to Info: {values[:2]!r}")
+    return ServerInfo.from_json(values[1])
+
+
+class _Request:
+    """A request in flight: its Deferred and how to read its reply."""
+
+    __slots__ = ("deferred", "read_reply")
+
+    def __init__(self, read_reply: Callable[[list[bytes]], Any]) -> None:
+        self.deferred: defer.Deferred[Any] = defer.Deferred()
+        self.read_reply = read_reply
+
+
+def _queue_name(queue: QueueName) -> bytes:
+    name = queue.encode("utf-8") if isinstance(queue, str) else bytes(queue)
+    if len(name) > MAX_QUEUE_NAME_LENGTH:
+        raise errors.InvalidArgument(
+            f"queue name of {len(name)} bytes, longest is {MAX_QUEUE_NAME_LENGTH}"
+        )
+    return name
+
+
+class MQClient(FrameReceiver):
+    """A connection to an mqmq server.
+
+    Get one from :func:`connect`, or connect it yourself to any endpoint.
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[_Request] = deque()
+        self._disconnecting = False
+        self._closed = False
+        self._close_watchers: list[defer.Deferred[None]] = []
+
+    def _send(self, values: list[bytes], read_reply: Callable[[list[bytes]], Any]) -> defer.Deferred[Any]:
+        if self._closed or self._disconnecting:
+            return defer.fail(errors.ConnectionClosed("the connection is closed"))
+        request = _Request(read_reply)
+        self._pending.append(request)
+        self.transport.write(encode_frame(values))
+        return request.deferred
+
+    def put(self, queue: QueueName, message: bytes) -> defer.Deferred[None]:
+        """Add a message to the back of a queue."""
+        try:
+            name = _queue_name(queue)
+        except errors.InvalidArgument:
+            return defer.fail()
+        return self._send([PUT, name, bytes(message)], _reply_ok)
+
+    def get(self, queue: QueueName, timeout: float = 0.0) -> defer.Deferred[bytes]:
+        """Take the oldest message of a queue, waiting up to ``timeout`` seconds.
+
+        Fails with :class:`~mqmq.errors.GetTimeout` if none arrived in time.
+        The timeout goes out in whole milliseconds; below 1 ms the server
+        waits 1 ms; above one hour is refused here.
+        """
+        try:
+            name = _queue_name(queue)
+            if timeout > MAX_TIMEOUT_MS / 1000:
+                raise errors.InvalidArgument(f"timeout of {timeout} s is above one hour")
+        except errors.InvalidArgument:
+            return defer.fail()
+        milliseconds = max(int(timeout * 1000), 0)
+        return self._send([GET, name, b"%d" % milliseconds], _reply_message)
+
+    def info(self) -> defer.Deferred[ServerInfo]:
+        """Connections, queues and messages on the server."""
+        return self._send([INFO], _reply_info)
+
+    def disconnect(self) -> defer.Deferred[None]:
+        """Send ``Quit`` and close once every request in flight is answered.
+
+        Fires when the connection has closed.
+        """
+        if not (self._closed or self._disconnecting):
+            self._disconnecting = True
+            self.transport.write(encode_frame([QUIT]))
+            if not self._pending:
+                self.transport.loseConnection()
+        return self.when_closed()
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """A Deferred that fires when the connection has closed."""
+        if self._closed:
+            return defer.succeed(None)
+        watcher: defer.Deferred[None] = defer.Deferred()
+        self._close_watchers.append(watcher)
+        return watcher
+
+    def stringReceived(self, payload: bytes) -> None:
+        if not self._pending:
+            self._fail_connection(errors.BadResponse("reply with no request in flight"))
+            return
+        request = self._pending.popleft()
+        try:
+            values = decode_payload(payload)
+            if not values:
+                raise errors.BadResponse("empty reply")
+            status = values[0]
+            if status == TIMEOUT:
+                raise errors.GetTimeout("no message arrived before the timeout")
+            if status == ERROR and len(values) >= 2:
+                raise errors.ServerError(values[1].decode("utf-8", "replace"))
+            result = request.read_reply(values)
+        except (errors.MQError, ValueError):
+            request.deferred.errback(Failure())
+        else:
+            request.deferred.callback(result)
+        if self._disconnecting and not self._pending:
+            self.transport.loseConnection()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._fail_connection(
+            errors.BadResponse(f"reply of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
+        )
+
+    def _fail_connection(self, error: errors.MQError) -> None:
+        # The reply stream can no longer be matched to requests.
+        pending, self._pending = self._pending, deque()
+        for request in pending:
+            request.deferred.errback(error)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
+        pending, self._pending = self._pending, deque()
+        for request in pending:
+            request.deferred.errback(
+                errors.ConnectionClosed(f"connection closed before the reply: {reason.getErrorMessage()}")
+            )
+        watchers, self._close_watchers = self._close_watchers, []
+        for watcher in watchers:
+            watcher.callback(None)
+
+
+def connect(
+    reactor: Any, address: str = DEFAULT_ADDRESS, timeout: float = 30
+) -> defer.Deferred[MQClient]:
+    """Connect to the server at ``HOST:PORT``; fires with a connected client."""
+    host, port = parse_address(address)
+    endpoint = HostnameEndpoint(reactor, host or "127.0.0.1", port, timeout=timeout)
+    return connect_endpoint(endpoint)
+
+
+def connect_endpoint(endpoint: IStreamClientEndpoint) -> defer.Deferred[MQClient]:
+    """Connect over any Twisted client endpoint (TCP, TLS, UNIX socket …)."""
+    return connectProtocol(endpoint, MQClient())

@@ -1,0 +1,53 @@
+"""Exceptions raised by mqmq, and the error types that travel on the wire."""
+
+from __future__ import annotations
+
+# Error types the server sends after ``Error``, as the original defines them.
+UNKNOWN_COMMAND = "REQUEST_UNKNOWN_COMMAND"
+BAD_PARAMS = "REQUEST_BAD_PARAMS"
+BAD_QUEUE_NAME = "REQUEST_BAD_QUEUE_NAME"
+BAD_TIMEOUT = "REQUEST_BAD_TIMEOUT"
+
+
+class MQError(Exception):
+    """Base class of every mqmq error."""
+
+
+class MalformedFrame(MQError):
+    """A frame whose values do not add up to its length."""
+
+
+class RequestError(MQError):
+    """A request the server refuses; ``error_type`` is what goes on the wire."""
+
+    def __init__(self, error_type: str, detail: str = "") -> None:
+        super().__init__(f"{error_type}: {detail}" if detail else error_type)
+        self.error_type = error_type
+        self.detail = detail
+
+
+class GetTimeout(MQError):
+    """No message arrived on the queue before the ``Get`` timed out.
+
+    Not a failure of the server or the connection: the queue was empty.
+    """
+
+
+class ServerError(MQError):
+    """The server answered ``Error``; ``error_type`` is the type it sent."""
+
+    def __init__(self, error_type: str) -> None:
+        super().__init__(f"server error: {error_type}")
+        self.error_type = error_type
+
+
+class BadResponse(MQError):
+    """The server's reply does not have a shape the request allows."""
+
+
+class ConnectionClosed(MQError):
+    """The connection closed before the server answered the request."""
+
+
+class InvalidArgument(MQError, ValueError):
+    """The client refused to send a request the server would reject."""
