@@ -1,0 +1,426 @@
+"""The shipped entry points, run as a user runs them.
+
+``twistd -n mqmq`` and ``mqmq start|info|put|get`` are started as
+subprocesses on a real loopback port and stopped with real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytest
+
+from conftest import bin_path, free_port
+from mqmq.cli import EXIT_FAILURE, EXIT_TIMEOUT, EXIT_USAGE
+
+#: Longest a process may take to start listening, or to stop after a signal.
+DEADLINE = 10.0
+#: A client command against a running server should finish well within this.
+COMMAND_TIMEOUT = 15.0
+
+LOG_LINE = r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d"
+
+
+def wait_for_port(port: int, process: subprocess.Popen, deadline: float = DEADLINE) -> None:
+    """Poll until something accepts TCP connections on loopback ``port``."""
+    give_up = time.monotonic() + deadline
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with status {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > give_up:
+                pytest.fail(f"nothing listened on port {port} within {deadline} s")
+            time.sleep(0.02)
+
+
+def _frame(*values: bytes) -> bytes:
+    payload = b"".join(struct.pack(">I", len(value)) + value for value in values)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        data += chunk
+    return data
+
+
+def raw_info(port: int) -> dict:
+    """The server's Info JSON, fetched over a plain socket (no mqmq client code)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_frame(b"Info"))
+        (length,) = struct.unpack(">I", _read_exactly(sock, 4))
+        payload = _read_exactly(sock, length)
+        sock.sendall(_frame(b"Quit"))
+    values = []
+    while payload:
+        (size,) = struct.unpack(">I", payload[:4])
+        values.append(payload[4 : 4 + size])
+        payload = payload[4 + size :]
+    assert values[0] == b"OK"
+    return json.loads(values[1])
+
+
+def wait_until(condition: Callable[[], bool], deadline: float = DEADLINE) -> None:
+    give_up = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > give_up:
+            pytest.fail("condition not met in time")
+        time.sleep(0.02)
+
+
+class Processes:
+    """Starts subprocesses with the checkout's environment; kills leftovers."""
+
+    def __init__(self, env: dict[str, str], directory: Path) -> None:
+        self.env = env
+        self.directory = directory
+        self.started: list[subprocess.Popen] = []
+        self._count = 0
+
+    def spawn(self, *argv: str, stdin: Optional[int] = subprocess.DEVNULL) -> subprocess.Popen:
+        """Start ``argv``; its stdout and stderr go to files (see :meth:`output`)."""
+        self._count += 1
+        stem = self.directory / f"proc{self._count}"
+        process = subprocess.Popen(
+            argv,
+            env=self.env,
+            cwd=self.directory,
+            stdin=stdin,
+            stdout=open(f"{stem}.out", "wb"),
+            stderr=open(f"{stem}.err", "wb"),
+        )
+        process.stem = stem  # type: ignore[attr-defined]
+        self.started.append(process)
+        return process
+
+    @staticmethod
+    def output(process: subprocess.Popen) -> tuple[bytes, str]:
+        """What ``process`` wrote so far: stdout bytes, stderr text."""
+        stem = process.stem  # type: ignore[attr-defined]
+        return (
+            Path(f"{stem}.out").read_bytes(),
+            Path(f"{stem}.err").read_text(errors="replace"),
+        )
+
+    def run(self, *argv: str, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            argv,
+            env=self.env,
+            cwd=self.directory,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+        )
+
+    def mqmq(self, *args: str, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
+        return self.run(bin_path("mqmq"), *args, input=input)
+
+    def kill_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def procs(subprocess_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(subprocess_env, tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+
+
+def start_server(procs: Processes, flag: str = "-addr") -> tuple[subprocess.Popen, str, int]:
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    process = procs.spawn(bin_path("mqmq"), "start", flag, addr)
+    wait_for_port(port, process)
+    return process, addr, port
+
+
+@pytest.fixture
+def server(procs: Processes) -> Iterator[tuple[str, int]]:
+    """A running ``mqmq start`` server: its address and port."""
+    process, addr, port = start_server(procs)
+    yield addr, port
+    assert process.poll() is None, "the server died during the test"
+
+
+def stop(process: subprocess.Popen, signal_number: int) -> int:
+    process.send_signal(signal_number)
+    try:
+        return process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"process still running 5 s after signal {signal_number}")
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("mqmq:"), stderr
+    assert result.stdout == b""
+    return lines[0]
+
+
+# --- twistd mqmq --------------------------------------------------------------
+
+
+def start_twistd(procs: Processes) -> tuple[subprocess.Popen, str, int]:
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    process = procs.spawn(bin_path("twistd"), "-n", "--pidfile=", "mqmq", "--addr", addr)
+    wait_for_port(port, process)
+    return process, addr, port
+
+
+def test_twistd_serves_and_stops_on_sigterm(procs: Processes) -> None:
+    process, addr, _ = start_twistd(procs)
+
+    put = procs.mqmq("put", "-addr", addr, "q", "hello")
+    assert put.returncode == 0, put.stderr
+    assert put.stdout == b""
+
+    info = procs.mqmq("info", "-addr", addr)
+    assert info.returncode == 0, info.stderr
+    assert info.stdout == (
+        b"Number of connections: 1\n"
+        b"Number of queues: 1\n"
+        b"Number of messages: 1\n"
+        b"Queues:\n"
+        b"        q: 1\n"
+    )
+
+    get = procs.mqmq("get", "--addr", addr, "q")
+    assert get.returncode == 0, get.stderr
+    assert get.stdout == b"hello"
+
+    started = time.monotonic()
+    assert stop(process, signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5
+    stdout, stderr = procs.output(process)
+    assert b"Traceback" not in stdout
+    assert "Traceback" not in stderr
+
+
+def test_twistd_stops_on_sigint(procs: Processes) -> None:
+    process, addr, port = start_twistd(procs)
+    assert raw_info(port)["NumQueues"] == 0
+    assert stop(process, signal.SIGINT) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    stdout, stderr = procs.output(process)
+    assert b"Traceback" not in stdout
+    assert "Traceback" not in stderr
+
+
+def test_twistd_help_lists_mqmq(procs: Processes) -> None:
+    result = procs.run(bin_path("twistd"), "--help")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rb"^\s+mqmq\s+\S", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_twistd_mqmq_help_documents_options(procs: Processes) -> None:
+    result = procs.run(bin_path("twistd"), "mqmq", "--help")
+    assert result.returncode == 0, result.stderr
+    assert b"--addr" in result.stdout
+    assert b"--listen" in result.stdout
+    assert b"127.0.0.1:47774" in result.stdout
+
+
+# --- mqmq start ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, signal_number, signal_name",
+    [
+        ("-addr", signal.SIGINT, "interrupt"),
+        ("--addr", signal.SIGTERM, "terminated"),
+    ],
+)
+def test_start_logs_and_stops_on_signal(
+    procs: Processes, flag: str, signal_number: int, signal_name: str
+) -> None:
+    process, addr, _ = start_server(procs, flag)
+    assert stop(process, signal_number) == 0
+    stdout, stderr = procs.output(process)
+    assert "Traceback" not in stderr
+    assert b"Traceback" not in stdout
+    lines = stderr.splitlines()
+    escaped = re.escape(addr)
+    starting = [
+        i for i, line in enumerate(lines)
+        if re.fullmatch(rf"{LOG_LINE} INFO: starting server: {escaped}", line)
+    ]
+    received = [
+        i for i, line in enumerate(lines)
+        if re.fullmatch(rf"{LOG_LINE} INFO: received signal: {signal_name}", line)
+    ]
+    stopped = [
+        i for i, line in enumerate(lines)
+        if re.fullmatch(rf"{LOG_LINE} INFO: server stopped: {escaped}", line)
+    ]
+    assert len(starting) == len(received) == len(stopped) == 1, stderr
+    assert starting[0] < received[0] < stopped[0], stderr
+
+
+def test_start_on_taken_port_fails_cleanly(procs: Processes) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        addr = "127.0.0.1:%d" % holder.getsockname()[1]
+        result = procs.mqmq("start", "-addr", addr)
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode != 0
+    assert "Traceback" not in stderr
+    assert re.search(rf"^{LOG_LINE} ERROR: .*{re.escape(addr)}", stderr, re.MULTILINE), stderr
+    assert "starting server" not in stderr
+
+
+@pytest.mark.parametrize("addr", ["nonsense", "127.0.0.1:99999"])
+def test_start_with_bad_address_is_a_usage_error(procs: Processes, addr: str) -> None:
+    result = procs.mqmq("start", "-addr", addr)
+    assert result.returncode == EXIT_USAGE
+    assert addr in assert_one_error_line(result)
+
+
+# --- mqmq info|put|get against a server --------------------------------------
+
+
+def test_info_on_empty_server(procs: Processes, server: tuple[str, int]) -> None:
+    addr, _ = server
+    result = procs.mqmq("info", "-addr", addr)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        b"Number of connections: 1\nNumber of queues: 0\nNumber of messages: 0\n"
+    )
+
+
+def test_get_times_out_on_empty_queue(procs: Processes, server: tuple[str, int]) -> None:
+    addr, port = server
+    started = time.monotonic()
+    result = procs.mqmq("get", "-addr", addr, "-timeout", "100ms", "q")
+    assert result.returncode == EXIT_TIMEOUT, result.stderr
+    assert result.stdout == b""
+    assert "Traceback" not in result.stderr.decode("utf-8", "replace")
+    assert time.monotonic() - started < COMMAND_TIMEOUT
+    # The Get reached the server (it created the queue) and took nothing.
+    assert raw_info(port)["Queues"] == {"q": {"NumMessages": 0}}
+
+
+def _wait_for_waiter(port: int, queue: str) -> None:
+    # A Get creates its queue on arrival: once listed, the getter is waiting.
+    wait_until(lambda: queue in raw_info(port)["Queues"])
+
+
+def test_waiting_get_receives_later_put(procs: Processes, server: tuple[str, int]) -> None:
+    addr, port = server
+    getter = procs.spawn(bin_path("mqmq"), "get", "-addr", addr, "-timeout", "5s", "later")
+    _wait_for_waiter(port, "later")
+    assert getter.poll() is None, "get returned before anything was put"
+    put = procs.mqmq("put", "-addr", addr, "later", "arrived")
+    assert put.returncode == 0, put.stderr
+    assert getter.wait(timeout=COMMAND_TIMEOUT) == 0
+    stdout, stderr = procs.output(getter)
+    assert stdout == b"arrived"
+    assert "Traceback" not in stderr
+    assert raw_info(port)["Queues"] == {"later": {"NumMessages": 0}}
+
+
+def test_blocking_get_woken_by_put_from_other_process(
+    procs: Processes, server: tuple[str, int]
+) -> None:
+    addr, port = server
+    getter = procs.spawn(bin_path("mqmq"), "get", "--addr", addr, "--timeout=10s", "wake")
+    _wait_for_waiter(port, "wake")
+    woken = time.monotonic()
+    put = procs.mqmq("put", "--addr", addr, "wake", "up")
+    assert put.returncode == 0, put.stderr
+    assert getter.wait(timeout=COMMAND_TIMEOUT) == 0
+    # Woken by the put, not by its 10 s timeout running out.
+    assert time.monotonic() - woken < 8
+    assert procs.output(getter)[0] == b"up"
+
+
+def test_binary_message_through_stdin(procs: Processes, server: tuple[str, int]) -> None:
+    addr, port = server
+    put = procs.mqmq("put", "-addr", addr, "bin", "-", input=b"\x00\xffbin")
+    assert put.returncode == 0, put.stderr
+    assert raw_info(port)["Queues"] == {"bin": {"NumMessages": 1}}
+    get = procs.mqmq("get", "-addr", addr, "bin")
+    assert get.returncode == 0, get.stderr
+    assert get.stdout == b"\x00\xffbin"
+
+
+# --- mqmq errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("info",), ("put", "q", "x"), ("get", "q")],
+    ids=["info", "put", "get"],
+)
+def test_refused_connection_fails_with_one_line(procs: Processes, args: tuple[str, ...]) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    result = procs.mqmq(args[0], "-addr", addr, *args[1:])
+    assert result.returncode == EXIT_FAILURE
+    assert addr in assert_one_error_line(result)
+
+
+@pytest.mark.parametrize("addr", ["nonsense", "127.0.0.1:99999"])
+@pytest.mark.parametrize(
+    "args",
+    [("info",), ("put", "q", "x"), ("get", "q")],
+    ids=["info", "put", "get"],
+)
+def test_bad_address_is_a_usage_error(
+    procs: Processes, args: tuple[str, ...], addr: str
+) -> None:
+    result = procs.mqmq(args[0], "-addr", addr, *args[1:])
+    assert result.returncode == EXIT_USAGE
+    assert addr in assert_one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ("frobnicate",),
+        ("put",),
+        ("get",),
+        ("get", "q", "extra"),
+    ],
+    ids=["no-command", "unknown-command", "put-no-queue", "get-no-queue", "get-extra"],
+)
+def test_bad_command_line_is_a_usage_error(procs: Processes, args: tuple[str, ...]) -> None:
+    result = procs.mqmq(*args)
+    assert result.returncode == EXIT_USAGE
+    assert_one_error_line(result)
+
+
+def test_bad_duration_is_a_usage_error(procs: Processes) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    result = procs.mqmq("get", "-addr", addr, "-timeout", "5x", "q")
+    assert result.returncode == EXIT_USAGE
+    assert "5x" in assert_one_error_line(result)
