@@ -168,14 +168,6 @@ def _start(options: StartOptions) -> NoReturn:
         [FilteringLogObserver(_go_log_line, [levels])], redirectStandardIO=False
     )
     server = tap.makeService(options, reactor)
-    try:
-        server.privilegedStartService()
-        server.startService()
-    except Exception as error:  # a taken port, a bad endpoint: say so and leave
-        log.error("cannot start server: {error}", error=error)
-        raise SystemExit(EXIT_FAILURE)
-    addresses = ", ".join(_describe(port.getHost()) for port in server.ports)
-    log.info("starting server: {address}", address=addresses)
 
     def stop(signal_name: str) -> None:
         log.info("received signal: {signal}", signal=signal_name)
@@ -185,8 +177,18 @@ def _start(options: StartOptions) -> NoReturn:
     def on_signal(number: int, _frame: Any) -> None:
         reactor.callFromThread(stop, _SIGNAL_NAMES.get(number, str(number)))
 
+    # Before listening: a signal sent as soon as the port accepts must still
+    # stop the server in order, not kill it with the default action.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.privilegedStartService()
+        server.startService()
+    except Exception as error:  # a taken port, a bad endpoint: say so and leave
+        log.error("cannot start server: {error}", error=error)
+        raise SystemExit(EXIT_FAILURE)
+    addresses = ", ".join(_describe(port.getHost()) for port in server.ports)
+    log.info("starting server: {address}", address=addresses)
     reactor.run(installSignalHandlers=False)
     log.info("server stopped: {address}", address=addresses)
     raise SystemExit(0)

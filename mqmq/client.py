@@ -32,6 +32,9 @@ def _reply_ok(values: list[bytes]) -> None:
 
 
 def _reply_message(values: list[bytes]) -> bytes:
+    # Only a Get may time out; ``Timeout`` to anything else is a bad reply, as in Go.
+    if values[0] == TIMEOUT:
+        raise errors.GetTimeout("no message arrived before the timeout")
     if values[0] != OK or len(values) < 2:
         raise errors.BadResponse(f"unexpected reply to Get: {values[:2]!r}")
     return values[1]
@@ -99,11 +102,14 @@ class MQClient(FrameReceiver):
         """
         try:
             name = _queue_name(queue)
-            if timeout > MAX_TIMEOUT_MS / 1000:
+            # Written so that NaN is refused too.
+            if not timeout <= MAX_TIMEOUT_MS / 1000:
                 raise errors.InvalidArgument(f"timeout of {timeout} s is above one hour")
         except errors.InvalidArgument:
             return defer.fail()
-        milliseconds = max(int(timeout * 1000), 0)
+        # Truncate whole nanoseconds, as Go's Duration does, so that float
+        # error cannot drop a millisecond (1.005 s is 1005 ms, not 1004).
+        milliseconds = round(max(timeout, 0) * 1_000_000_000) // 1_000_000
         return self._send([GET, name, b"%d" % milliseconds], _reply_message)
 
     def info(self) -> defer.Deferred[ServerInfo]:
@@ -140,8 +146,6 @@ class MQClient(FrameReceiver):
             if not values:
                 raise errors.BadResponse("empty reply")
             status = values[0]
-            if status == TIMEOUT:
-                raise errors.GetTimeout("no message arrived before the timeout")
             if status == ERROR and len(values) >= 2:
                 raise errors.ServerError(values[1].decode("utf-8", "replace"))
             result = request.read_reply(values)

@@ -19,9 +19,13 @@ def _replace_each_byte(error: UnicodeError) -> tuple[str, int]:
 
 codecs.register_error("mqmq-replace-each-byte", _replace_each_byte)
 
-# Go escapes these in strings by default (HTML safety, JavaScript line ends).
+# Go escapes these in strings by default (HTML safety, JavaScript line ends),
+# and writes each invalid UTF-8 byte as the six characters \ufffd.  Invalid
+# bytes arrive here as surrogateescape's lone surrogates U+DC80..U+DCFF, which
+# keeps them apart from a genuine U+FFFD in a name (Go writes that one raw).
 _GO_ESCAPES = str.maketrans(
     {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+    | {chr(0xDC00 + byte): "\\ufffd" for byte in range(0x80, 0x100)}
 )
 
 
@@ -30,7 +34,8 @@ def queue_name_text(name: bytes) -> str:
     return name.decode("utf-8", "mqmq-replace-each-byte")
 
 
-def _go_json_string(text: str) -> str:
+def _go_json_string(name: bytes) -> str:
+    text = name.decode("utf-8", "surrogateescape")
     return json.dumps(text, ensure_ascii=False).translate(_GO_ESCAPES)
 
 
@@ -62,7 +67,10 @@ class ServerInfo:
                 num_messages=int(document["NumMessages"]),
                 queues=queues,
             )
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
+        # OverflowError: a number like 1e400; RecursionError: absurdly deep nesting.
+        except (
+            ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError
+        ) as error:
             raise BadResponse(f"malformed Info JSON: {error}") from error
 
     def format_text(self) -> str:
@@ -86,7 +94,7 @@ def encode_info(num_connections: int, num_messages: int, queues: Mapping[bytes, 
     Two names differing only in invalid bytes both appear, as in Go.
     """
     entries = ",".join(
-        f'{_go_json_string(queue_name_text(name))}:{{"NumMessages":{count}}}'
+        f'{_go_json_string(name)}:{{"NumMessages":{count}}}'
         for name, count in sorted(queues.items())
     )
     return (

@@ -1,0 +1,38 @@
+"""The server's limits: what one connection, or all of them, may make it hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mqmq.codec import MAX_MESSAGE_LENGTH, max_frame_length
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep a server alive and its memory in check.
+
+    Every default is safe for a shared server; ``0`` turns a limit off where
+    its description says so.
+    """
+
+    #: Largest message a ``Put`` may carry, in bytes (the original's 32 MiB).
+    max_message_bytes: int = MAX_MESSAGE_LENGTH
+    #: Most open client connections; one more is closed at once.
+    max_connections: int = 10_000
+    #: Most bytes of messages held across all queues (0: no limit).
+    max_queued_bytes: int = 1024 * 1024 * 1024
+    #: Most messages held across all queues (0: no limit).
+    max_queued_messages: int = 10_000_000
+    #: Most queues (0: no limit); a request naming one more is refused.
+    max_queues: int = 100_000
+    #: Seconds a connection may stay silent, with no ``Get`` waiting, before
+    #: it is closed (0: never, as the original).
+    idle_timeout: float = 0.0
+    #: Bytes of requests a connection may have buffered, unanswered (behind a
+    #: waiting ``Get``), before the server stops reading from it.
+    max_pending_bytes: int = 1024 * 1024
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame: a ``Put`` of a longest name and a largest message."""
+        return max_frame_length(self.max_message_bytes)

@@ -1,0 +1,230 @@
+"""mqmq.testing.MemoryServer, used as a user testing their own code would."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, cast
+
+import pytest
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from mqmq.client import MQClient
+from mqmq.errors import ConnectionClosed, GetTimeout
+from mqmq.info import ServerInfo
+from mqmq.testing import MemoryServer
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
+
+
+def _outcome(deferred: Deferred[Any]) -> object:
+    results: list[object] = []
+    deferred.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def success(deferred: Deferred[T]) -> T:
+    result = _outcome(deferred)
+    if isinstance(result, Failure):
+        pytest.fail(f"expected a result, got {result.getTraceback()}")
+    return cast(T, result)
+
+
+def failure(deferred: Deferred[Any], kind: type[E]) -> E:
+    result = _outcome(deferred)
+    assert isinstance(result, Failure), f"expected {kind.__name__}, got result {result!r}"
+    assert result.check(kind), f"expected {kind.__name__}, got {result.value!r}"
+    return cast(E, result.value)
+
+
+def test_the_docstring_example() -> None:
+    server = MemoryServer()
+    client = server.client()
+    done = client.put("jobs", b"one")
+    server.flush()
+    assert success(done) is None
+    assert server.broker.num_messages == 1
+
+
+def test_client_is_connected_at_once() -> None:
+    server = MemoryServer()
+    client = server.client()
+    assert isinstance(client, MQClient)
+    assert server.broker.num_connections == 1
+    server.client()
+    assert server.broker.num_connections == 2
+
+
+def test_nothing_moves_until_flush() -> None:
+    server = MemoryServer()
+    client = server.client()
+    done = client.put("jobs", b"one")
+    assert not done.called
+    assert server.broker.num_messages == 0
+    server.flush()
+    assert done.called
+
+
+def test_put_then_get() -> None:
+    server = MemoryServer()
+    client = server.client()
+    client.put("jobs", b"one")
+    client.put("jobs", b"two")
+    first = client.get("jobs", 1)
+    second = client.get("jobs", 1)
+    server.flush()
+    assert success(first) == b"one"
+    assert success(second) == b"two"
+    assert server.broker.num_messages == 0
+
+
+def test_producer_and_consumer() -> None:
+    server = MemoryServer()
+    producer, consumer = server.client(), server.client()
+    gets = [consumer.get("work", 30) for _ in range(3)]
+    server.flush()
+    assert not any(got.called for got in gets)
+    for i in range(3):
+        producer.put("work", b"job %d" % i)
+    server.flush()
+    assert [success(got) for got in gets] == [b"job 0", b"job 1", b"job 2"]
+
+
+def test_get_times_out_when_the_clock_advances() -> None:
+    server = MemoryServer()
+    client = server.client()
+    got = client.get("empty", 5)
+    server.flush()
+    server.advance(4.999)
+    assert not got.called
+    server.advance(0.001)
+    failure(got, GetTimeout)
+
+
+def test_a_message_in_time_beats_the_timeout() -> None:
+    server = MemoryServer()
+    consumer, producer = server.client(), server.client()
+    got = consumer.get("q", 5)
+    server.flush()
+    server.advance(4)
+    producer.put("q", b"just in time")
+    server.flush()
+    assert success(got) == b"just in time"
+    server.advance(10)
+    assert server.broker.num_messages == 0
+
+
+def test_a_given_clock_drives_the_timeouts() -> None:
+    clock = Clock()
+    server = MemoryServer(clock)
+    assert server.clock is clock
+    client = server.client()
+    got = client.get("q", 1)
+    server.flush()
+    clock.advance(1)
+    server.flush()
+    failure(got, GetTimeout)
+
+
+def test_flush_delivers_requests_queued_behind_a_get_that_was_answered() -> None:
+    server = MemoryServer()
+    consumer, producer = server.client(), server.client()
+    got = consumer.get("q", 30)
+    asked = consumer.info()
+    server.flush()
+    assert not asked.called
+    producer.put("q", b"m")
+    server.flush()
+    assert success(got) == b"m"
+    assert success(asked).num_messages == 0
+
+
+def test_info() -> None:
+    server = MemoryServer()
+    first, second = server.client(), server.client()
+    first.put("queue1", b"a")
+    first.put("queue1", b"b")
+    second.put("queue2", b"c")
+    server.flush()
+    asked = first.info()
+    server.flush()
+    assert success(asked) == ServerInfo(
+        num_connections=2, num_queues=2, num_messages=3, queues={"queue1": 2, "queue2": 1}
+    )
+
+
+def test_info_of_the_broker_matches_the_client() -> None:
+    server = MemoryServer()
+    client = server.client()
+    client.put("q", b"x")
+    asked = client.info()
+    server.flush()
+    assert success(asked) == server.broker.info()
+
+
+def test_disconnect() -> None:
+    server = MemoryServer()
+    client = server.client()
+    put = client.put("q", b"kept")
+    disconnected = client.disconnect()
+    assert not disconnected.called
+    server.flush()
+    assert success(put) is None
+    assert success(disconnected) is None
+    assert server.broker.num_connections == 0
+    assert server.broker.num_messages == 1
+    failure(client.put("q", b"too late"), ConnectionClosed)
+
+
+def test_flush_after_a_disconnect_keeps_serving_the_others() -> None:
+    server = MemoryServer()
+    leaving, staying = server.client(), server.client()
+    leaving.disconnect()
+    server.flush()
+    staying.put("q", b"m")
+    got = staying.get("q", 1)
+    server.flush()
+    assert success(got) == b"m"
+
+
+def test_a_departed_waiter_does_not_take_the_message() -> None:
+    server = MemoryServer()
+    leaving, producer, consumer = server.client(), server.client(), server.client()
+    abandoned = leaving.get("q", 30)
+    server.flush()
+    # The consumer goes away abruptly, without Quit.
+    assert leaving.transport is not None
+    leaving.transport.loseConnection()
+    server.flush()
+    failure(abandoned, ConnectionClosed)
+    producer.put("q", b"for whoever stays")
+    server.flush()
+    assert server.broker.num_messages == 1
+    got = consumer.get("q", 1)
+    server.flush()
+    assert success(got) == b"for whoever stays"
+
+
+def test_works_with_inline_callbacks_code() -> None:
+    """User code written with inlineCallbacks runs to completion under flush."""
+    server = MemoryServer()
+
+    @inlineCallbacks
+    def relay(client: MQClient) -> Any:
+        message = yield client.get("in", 10)
+        yield client.put("out", message.upper())
+        info = yield client.info()
+        return info.queues
+
+    worker, feeder = server.client(), server.client()
+    finished = relay(worker)
+    server.flush()
+    assert not finished.called
+    feeder.put("in", b"hello")
+    server.flush()
+    assert success(finished) == {"in": 0, "out": 1}
+    got = feeder.get("out", 1)
+    server.flush()
+    assert success(got) == b"HELLO"
