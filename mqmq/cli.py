@@ -91,7 +91,7 @@ class PutOptions(_AddressOptions):
     synopsis = "[--addr HOST:PORT] QUEUE [MESSAGE]"
     longdesc = "Puts MESSAGE (standard input when MESSAGE is - or missing) on QUEUE."
 
-    def parseArgs(self, queue: str, message: Optional[str] = None) -> None:
+    def parseArgs(self, queue: str, message: Optional[str] = None) -> None:  # type: ignore[override]
         self["queue"] = queue
         self["message"] = message
 
@@ -107,7 +107,7 @@ class GetOptions(_AddressOptions):
         ["timeout", "t", "0s", "How long to wait for a message: a Go duration such as 500ms, 5s, 1m."],
     ]
 
-    def parseArgs(self, queue: str) -> None:
+    def parseArgs(self, queue: str) -> None:  # type: ignore[override]
         self["queue"] = queue
 
     def postOptions(self) -> None:
@@ -160,7 +160,9 @@ def _go_log_line(event: dict[str, Any], stream: TextIO = sys.stderr) -> None:
 
 
 def _start(options: StartOptions) -> NoReturn:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
 
     levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
     levels.setLogLevelForNamespace("mqmq", LogLevel.info)
@@ -175,7 +177,8 @@ def _start(options: StartOptions) -> NoReturn:
         stopping.addBoth(lambda _: reactor.stop())
 
     def on_signal(number: int, _frame: Any) -> None:
-        reactor.callFromThread(stop, _SIGNAL_NAMES.get(number, str(number)))
+        name = _SIGNAL_NAMES.get(signal.Signals(number), signal.Signals(number).name)
+        reactor.callFromThread(stop, name)
 
     # Before listening: a signal sent as soon as the port accepts must still
     # stop the server in order, not kill it with the default action.

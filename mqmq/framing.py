@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from struct import Struct
 
+from typing import cast
+
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.protocols.basic import Int32StringReceiver
 
 from mqmq.codec import MAX_FRAME_LENGTH
@@ -22,6 +25,9 @@ class FrameReceiver(Int32StringReceiver):
     """
 
     MAX_LENGTH = MAX_FRAME_LENGTH
+    # Connected protocols always have one; TCP's is the richest we rely on
+    # (pausing, producers), and UNIX and TLS transports offer the same.
+    transport: ITCPTransport
 
     _chunks: list[bytes]
     _buffered = 0
@@ -76,5 +82,5 @@ class FrameReceiver(Int32StringReceiver):
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.transport.resumeProducing()
+        cast(IPushProducer, self.transport).resumeProducing()
         self._parse_buffered()

@@ -45,7 +45,7 @@ class _Listener(service.Service):
     def stopService(self) -> Optional[defer.Deferred[None]]:
         super().stopService()
         port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening) if port is not None else None
+        return port.stopListening() if port is not None else None
 
 
 class MQService(service.MultiService):
