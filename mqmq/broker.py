@@ -14,8 +14,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from mqmq import errors
 from mqmq.errors import GetTimeout
 from mqmq.info import ServerInfo, encode_info, queue_name_text
+from mqmq.limits import Limits
 from mqmq.queue import MessageQueue
 
 
@@ -47,12 +49,14 @@ class Broker(service.Service):
     """Named FIFO queues with blocking ``get``.
 
     :param clock: the time source for ``get`` timeouts; ``task.Clock`` in tests.
+    :param limits: bounds on queues and stored messages; see :class:`Limits`.
     """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, limits: Limits = Limits()) -> None:
         self.clock = clock
+        self.limits = limits
         self._queues: dict[bytes, MessageQueue] = {}
         #: Messages held across all queues.
         self.num_messages = 0
@@ -64,14 +68,38 @@ class Broker(service.Service):
     def _queue(self, name: bytes) -> MessageQueue:
         queue = self._queues.get(name)
         if queue is None:
+            max_queues = self.limits.max_queues
+            if max_queues and len(self._queues) >= max_queues:
+                raise errors.RequestError(
+                    errors.TOO_MANY_QUEUES, f"the server holds its limit of {max_queues} queues"
+                )
             queue = self._queues[name] = MessageQueue(name)
         return queue
 
+    def _check_room(self, message: bytes) -> None:
+        limits = self.limits
+        if limits.max_queued_messages and self.num_messages >= limits.max_queued_messages:
+            raise errors.RequestError(
+                errors.STORAGE_FULL,
+                f"the server holds its limit of {limits.max_queued_messages} messages",
+            )
+        if limits.max_queued_bytes and self.num_bytes + len(message) > limits.max_queued_bytes:
+            raise errors.RequestError(
+                errors.STORAGE_FULL,
+                f"the server holds {self.num_bytes} bytes of messages, "
+                f"{limits.max_queued_bytes} at most",
+            )
+
     def put(self, queue_name: bytes, message: bytes) -> None:
-        """Store a message, or hand it at once to the longest waiting ``get``."""
+        """Store a message, or hand it at once to the longest waiting ``get``.
+
+        :raises RequestError: when storing it would pass a limit (too many
+            queues, too many messages or bytes held); nothing is stored then.
+        """
         queue = self._queue(queue_name)
         waiter = queue.pop_waiter()
         if waiter is None:
+            self._check_room(message)
             queue.push(message)
             self.num_messages += 1
             self.num_bytes += len(message)
@@ -83,7 +111,8 @@ class Broker(service.Service):
     def put_back(self, queue_name: bytes, message: bytes) -> None:
         """Return a message that could not be delivered to the front of its queue.
 
-        A waiting ``get`` takes it at once, as it would a new message.
+        A waiting ``get`` takes it at once, as it would a new message.  Limits
+        do not apply: the message was already accepted.
         """
         queue = self._queue(queue_name)
         if queue.waiters:

@@ -8,6 +8,12 @@ BAD_PARAMS = "REQUEST_BAD_PARAMS"
 BAD_QUEUE_NAME = "REQUEST_BAD_QUEUE_NAME"
 BAD_TIMEOUT = "REQUEST_BAD_TIMEOUT"
 
+# Error types of ours, for limits the original does not have.  Clients of the
+# original show any error type as text, so these stay compatible.
+MESSAGE_TOO_LARGE = "REQUEST_MESSAGE_TOO_LARGE"
+TOO_MANY_QUEUES = "SERVER_TOO_MANY_QUEUES"
+STORAGE_FULL = "SERVER_STORAGE_FULL"
+
 
 class MQError(Exception):
     """Base class of every mqmq error."""

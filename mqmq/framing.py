@@ -4,34 +4,48 @@ from __future__ import annotations
 
 from struct import Struct
 
-from typing import cast
-
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
 
 from mqmq.codec import MAX_FRAME_LENGTH
 
 _UINT32 = Struct(">I")
 
 
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
+    """What the protocols need of a transport: TCP's, UNIX's and TLS's all give it."""
+
+
+@implementer(IPushProducer)
 class FrameReceiver(Int32StringReceiver):
     """An ``Int32StringReceiver`` that buffers without quadratic copying.
 
     Twisted's receiver joins its whole buffer with each new segment, so a
     32 MiB frame arriving in 64 KiB segments is copied hundreds of times.
     This one keeps the segments as they came and joins them only once enough
-    has arrived to parse something.  Parsing also stops while :attr:`holding`
-    is true; :meth:`_parse_buffered` takes it up again.
+    has arrived to parse something.
+
+    Parsing stops while :attr:`holding` is true; :meth:`_parse_buffered`
+    takes it up again.  A frame longer than :attr:`MAX_LENGTH` calls
+    ``lengthLimitExceeded`` (by default: close).  A frame longer than
+    :attr:`max_accepted_length` but within ``MAX_LENGTH`` is read past without
+    being kept, then reported to :meth:`frameSkipped`.
     """
 
     MAX_LENGTH = MAX_FRAME_LENGTH
-    # Connected protocols always have one; TCP's is the richest we rely on
-    # (pausing, producers), and UNIX and TLS transports offer the same.
-    transport: ITCPTransport
+    transport: IStreamTransport
 
     _chunks: list[bytes]
     _buffered = 0
     _needed = _UINT32.size
+    _skipping = 0
+    _skipped_length = 0
+
+    @property
+    def max_accepted_length(self) -> int:
+        """Longest frame kept and parsed; longer ones are skipped."""
+        return self.MAX_LENGTH
 
     @property
     def holding(self) -> bool:
@@ -43,7 +57,19 @@ class FrameReceiver(Int32StringReceiver):
         """Bytes received but not yet handed to ``stringReceived``."""
         return self._buffered
 
+    def frameSkipped(self, length: int) -> None:
+        """A frame of ``length`` bytes, over :attr:`max_accepted_length`, was dropped."""
+
     def dataReceived(self, data: bytes) -> None:
+        if self._skipping:
+            if len(data) < self._skipping:
+                self._skipping -= len(data)
+                return
+            data = data[self._skipping :]
+            self._skipping = 0
+            self.frameSkipped(self._skipped_length)
+            if not data:
+                return
         if self._buffered:
             self._chunks.append(data)
         else:
@@ -62,10 +88,14 @@ class FrameReceiver(Int32StringReceiver):
         unpack_from = _UINT32.unpack_from
         while end - offset >= 4:
             (length,) = unpack_from(data, offset)
-            if length > self.MAX_LENGTH:
+            if length > self.max_accepted_length:
                 self._chunks = []
                 self._buffered = 0
-                self.lengthLimitExceeded(length)
+                self._needed = _UINT32.size
+                if length > self.MAX_LENGTH:
+                    self.lengthLimitExceeded(length)
+                else:
+                    self._skip(length, data[offset + 4 :])
                 return
             frame_end = offset + 4 + length
             if frame_end > end:
@@ -80,7 +110,13 @@ class FrameReceiver(Int32StringReceiver):
         self._buffered = len(rest)
         self._needed = needed
 
+    def _skip(self, length: int, received: bytes) -> None:
+        self._skipped_length = length
+        self._skipping = length
+        if received:
+            self.dataReceived(received)
+
     def resumeProducing(self) -> None:
         self.paused = False
-        cast(IPushProducer, self.transport).resumeProducing()
+        self.transport.resumeProducing()
         self._parse_buffered()

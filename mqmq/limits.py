@@ -36,3 +36,19 @@ class Limits:
     def max_frame_bytes(self) -> int:
         """Largest frame: a ``Put`` of a longest name and a largest message."""
         return max_frame_length(self.max_message_bytes)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "KIB": 1024, "MB": 1000**2, "MIB": 1024**2,
+               "GB": 1000**3, "GIB": 1024**3, "TB": 1000**4, "TIB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``1048576``, ``512KiB``, ``32MiB`` or ``1GB``.
+
+    :raises ValueError: for anything else, or a negative size.
+    """
+    number = text.strip().rstrip("bBiIkKmMgGtT")
+    unit = text.strip()[len(number):].upper()
+    if unit not in _SIZE_UNITS or not number.isdigit():
+        raise ValueError(f"invalid size {text!r} (want e.g. 1048576, 512KiB, 32MiB, 1GiB)")
+    return int(number) * _SIZE_UNITS[unit]

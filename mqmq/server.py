@@ -3,58 +3,165 @@
 from __future__ import annotations
 
 from struct import Struct
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mqmq import errors
 from mqmq.broker import Broker
-from mqmq.codec import decode_payload, encode_frame
-from mqmq.framing import FrameReceiver
+from mqmq.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
 from mqmq.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
+from mqmq.framing import FrameReceiver
+from mqmq.limits import Limits
+from mqmq.liveness import peer_has_gone
 
 _UINT32 = Struct(">I")
 _OK_FRAME = encode_frame([OK])
 _TIMEOUT_FRAME = encode_frame([TIMEOUT])
 
+#: Seconds between checks that a peer we have stopped reading from is still there.
+LIVENESS_INTERVAL = 1.0
 
-class MQServerProtocol(FrameReceiver):
+
+class MQServerProtocol(FrameReceiver, TimeoutMixin):
     """One client connection.
 
     Requests are handled strictly in order: while a ``Get`` waits for a
     message, the frames behind it stay buffered, unparsed, until it is
-    answered.
+    answered.  Reading stops (and the kernel's buffers push back on the
+    client) while replies pile up unsent, or while more than
+    ``max_pending_bytes`` of requests wait behind a ``Get``.
     """
 
     log = Logger()
+    factory: MQServerFactory
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.limits = broker.limits
+        self.MAX_LENGTH = max(MAX_FRAME_LENGTH, self.limits.max_frame_bytes)
         self._waiting: Optional[defer.Deferred[bytes]] = None
         self._closing = False
+        self._reading = True
+        self._liveness_check: Optional[IDelayedCall] = None
+        self._closed = False
+        self._close_watchers: list[defer.Deferred[None]] = []
+
+    @property
+    def max_accepted_length(self) -> int:
+        return self.limits.max_frame_bytes
+
+    # Connection lifetime ---------------------------------------------------
 
     def connectionMade(self) -> None:
         self.broker.num_connections += 1
         self.factory.connections.add(self)
+        # The transport pauses us when its unsent replies pass its buffer size.
+        self.transport.registerProducer(self, True)
+        self.setTimeout(self.limits.idle_timeout or None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.broker.num_connections -= 1
         self.factory.connections.discard(self)
         self._closing = True
+        self.setTimeout(None)
+        if self._liveness_check is not None and self._liveness_check.active():
+            self._liveness_check.cancel()
         if self._waiting is not None:
             # Withdraws the waiter: a departed consumer never takes a message.
             self._waiting.cancel()
+        self._closed = True
+        watchers, self._close_watchers = self._close_watchers, []
+        for watcher in watchers:
+            watcher.callback(None)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's clock: the broker's, not the global reactor.
+        return self.broker.clock.callLater(period, func)
+
+    def timeoutConnection(self) -> None:
+        self.log.info("closing {peer}: idle for {seconds} s",
+                      peer=self.transport.getPeer(), seconds=self.limits.idle_timeout)
+        self._close()
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """A Deferred that fires once the connection has closed."""
+        if self._closed:
+            return defer.succeed(None)
+        watcher: defer.Deferred[None] = defer.Deferred()
+        self._close_watchers.append(watcher)
+        return watcher
+
+    def _close(self) -> None:
+        self._closing = True
+        # A registered producer would hold the connection open past its close.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # Input -----------------------------------------------------------------
 
     @property
     def holding(self) -> bool:
         return self._closing or self.paused or self._waiting is not None
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._closing:
-            super().dataReceived(data)
+        if self._closing:
+            return
+        self.resetTimeout()
+        super().dataReceived(data)
+        if self._waiting is not None and self.buffered_bytes > self.limits.max_pending_bytes:
+            self._update_reading()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._update_reading()
+        self._parse_buffered()
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _update_reading(self) -> None:
+        """Read from the socket unless replies pile up or requests do."""
+        backlog = self._waiting is not None and self.buffered_bytes > self.limits.max_pending_bytes
+        reading = not (self.paused or backlog or self._closing)
+        if reading == self._reading:
+            return
+        self._reading = reading
+        if reading:
+            self.transport.resumeProducing()
+        else:
+            self.log.debug("stopped reading from {peer}", peer=self.transport.getPeer())
+            self.transport.pauseProducing()
+            if self._waiting is not None:
+                self._schedule_liveness_check()
+
+    def _schedule_liveness_check(self) -> None:
+        # Unread, a peer's FIN or RST goes unseen; ask the kernel instead, so
+        # a departed consumer's waiter goes and never takes a message.
+        self._liveness_check = self.broker.clock.callLater(LIVENESS_INTERVAL, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        self._liveness_check = None
+        if self._reading or self._closing:
+            return
+        if peer_has_gone(self.transport):
+            self._abort("the peer went away while we were not reading")
+        else:
+            self._schedule_liveness_check()
+
+    def _abort(self, why: str) -> None:
+        self.log.info("closing {peer}: {why}", peer=self.transport.getPeer(), why=why)
+        self._closing = True
+        self.transport.abortConnection()
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.info(
@@ -63,37 +170,48 @@ class MQServerProtocol(FrameReceiver):
         )
         self._close()
 
+    def frameSkipped(self, length: int) -> None:
+        self._refuse(errors.RequestError(
+            errors.MESSAGE_TOO_LARGE,
+            f"frame of {length} bytes, the limit is {self.limits.max_frame_bytes}",
+        ))
+
+    # Requests --------------------------------------------------------------
+
     def stringReceived(self, payload: bytes) -> None:
         try:
             command = parse_request(decode_payload(payload))
+            if type(command) is Put:
+                self._put(command)
+            elif type(command) is Get:
+                self._get(command)
+            elif type(command) is Info:
+                self.transport.write(encode_frame([OK, self.broker.info_json()]))
+            elif type(command) is Quit:
+                self._close()
+        except errors.RequestError as error:
+            self._refuse(error)
         except errors.MalformedFrame as error:
             self.log.info("closing {peer}: malformed frame: {error}",
                           peer=self.transport.getPeer(), error=error)
             self._close()
-            return
-        except errors.RequestError as error:
-            self._refuse(error)
-            return
-        if type(command) is Put:
-            self.broker.put(command.queue, command.message)
-            self.transport.write(_OK_FRAME)
-        elif type(command) is Get:
-            self._get(command)
-        elif type(command) is Info:
-            self.transport.write(encode_frame([OK, self.broker.info_json()]))
-        elif type(command) is Quit:
-            self._close()
 
     def _refuse(self, error: errors.RequestError) -> None:
-        self.log.debug("refusing a request from {peer}: {error}",
-                       peer=self.transport.getPeer(), error=error)
+        self.log.info("refused a request from {peer}: {error}",
+                      peer=self.transport.getPeer(), error=error)
         self.transport.write(encode_frame([ERROR, error.error_type.encode("ascii")]))
         if error.error_type == errors.UNKNOWN_COMMAND:
             self._close()
 
-    def _close(self) -> None:
-        self._closing = True
-        self.transport.loseConnection()
+    def _put(self, command: Put) -> None:
+        if len(command.message) > self.limits.max_message_bytes:
+            raise errors.RequestError(
+                errors.MESSAGE_TOO_LARGE,
+                f"message of {len(command.message)} bytes, "
+                f"the limit is {self.limits.max_message_bytes}",
+            )
+        self.broker.put(command.queue, command.message)
+        self.transport.write(_OK_FRAME)
 
     def _get(self, command: Get) -> None:
         message = self.broker.take(command.queue)
@@ -102,6 +220,8 @@ class MQServerProtocol(FrameReceiver):
             return
         waiting = self.broker.wait(command.queue, command.timeout_ms / 1000)
         self._waiting = waiting
+        # Waiting for a message is not being idle.
+        self.setTimeout(None)
         waiting.addCallbacks(self._delivered, self._wait_ended, (command.queue,))
 
     def _send_message(self, message: bytes) -> None:
@@ -111,19 +231,21 @@ class MQServerProtocol(FrameReceiver):
 
     def _delivered(self, message: bytes, queue: bytes) -> None:
         self._waiting = None
-        if self._closing:
-            # The connection broke before the message could go out.
+        if self._closing or (not self._reading and peer_has_gone(self.transport)):
+            # The consumer is gone: the message goes to the next one instead.
             self.broker.put_back(queue, message)
+            if not self._closing:
+                self._abort("the peer went away while its Get waited")
             return
         self._send_message(message)
-        self._resume()
+        self._end_wait()
 
     def _wait_ended(self, failure: Failure) -> None:
         self._waiting = None
         if failure.check(errors.GetTimeout):
             if not self._closing:
                 self.transport.write(_TIMEOUT_FRAME)
-                self._resume()
+                self._end_wait()
         elif failure.check(defer.CancelledError):
             # The broker is stopping; connectionLost cancels with _closing set.
             if not self._closing:
@@ -132,30 +254,57 @@ class MQServerProtocol(FrameReceiver):
             self.log.failure("waiting Get failed", failure)
             self._close()
 
-    def _resume(self) -> None:
+    def _end_wait(self) -> None:
+        self.setTimeout(self.limits.idle_timeout or None)
+        self._update_reading()
         # The answer may come from inside another connection's Put: go on with
         # our buffered requests from the reactor, not from within its call.
         if self.buffered_bytes and not self.holding:
             self.broker.clock.callLater(0, self._parse_buffered)
 
 
-class MQServerFactory(Factory):
+class MQServerFactory(Factory[MQServerProtocol]):
     """Builds a :class:`MQServerProtocol` for each connection, sharing one broker."""
 
-    protocol = MQServerProtocol
-
     noisy = False
+    log = Logger()
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.connections: set[MQServerProtocol] = set()
 
-    def buildProtocol(self, addr: object) -> MQServerProtocol:
+    def buildProtocol(self, addr: Any) -> Optional[MQServerProtocol]:
+        max_connections = self.broker.limits.max_connections
+        if max_connections and len(self.connections) >= max_connections:
+            self.log.warn("refused a connection from {peer}: {count} connections open, "
+                          "the limit is {limit}",
+                          peer=addr, count=len(self.connections), limit=max_connections)
+            return None
         protocol = MQServerProtocol(self.broker)
         protocol.factory = self
         return protocol
 
-    def close_connections(self) -> None:
-        """Close every open connection, as a server shutting down does."""
-        for protocol in list(self.connections):
-            protocol.transport.loseConnection()
+    def close_connections(self, grace: float = 1.0) -> defer.Deferred[None]:
+        """Close every open connection, as a server shutting down does.
+
+        Replies already written get ``grace`` seconds to go out; connections
+        still open then are aborted.  Fires when every connection has closed.
+        """
+        protocols = list(self.connections)
+        closed = defer.DeferredList(
+            [protocol.when_closed() for protocol in protocols], consumeErrors=True
+        )
+        for protocol in protocols:
+            protocol._close()
+
+        def abort_stragglers() -> None:
+            for protocol in list(self.connections):
+                protocol.transport.abortConnection()
+
+        timer = self.broker.clock.callLater(grace, abort_stragglers)
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return closed.addCallback(done)

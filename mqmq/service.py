@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqmq.broker import Broker
+from mqmq.limits import Limits
 from mqmq.server import MQServerFactory
 
 
@@ -57,10 +58,10 @@ class MQService(service.MultiService):
         server.startService()
     """
 
-    def __init__(self, reactor: Any, endpoints: Iterable[str] = ()) -> None:
+    def __init__(self, reactor: Any, endpoints: Iterable[str] = (), limits: Limits = Limits()) -> None:
         super().__init__()
         self.reactor = reactor
-        self.broker = Broker(reactor)
+        self.broker = Broker(reactor, limits)
         self.broker.setServiceParent(self)
         self.factory = MQServerFactory(self.broker)
         self._listeners: list[_Listener] = []
@@ -79,7 +80,10 @@ class MQService(service.MultiService):
         return [listener.port for listener in self._listeners if listener.port is not None]
 
     def stopService(self) -> defer.Deferred[None]:
-        """Stop accepting, close every connection, withdraw every waiting ``Get``."""
+        """Stop accepting, close every connection, withdraw every waiting ``Get``.
+
+        Fires once every connection has closed (at most a second after).
+        """
         stopped = super().stopService()
-        self.factory.close_connections()
-        return stopped
+        closed = self.factory.close_connections()
+        return defer.gatherResults([stopped, closed]).addCallback(lambda _: None)
