@@ -126,18 +126,20 @@ class Soak:
             client = await connect(self.reactor, self.args.addr)
             dropping = False
             while time.monotonic() < self.deadline and not dropping:
-                get = client.get(self.random.choice(self.queues), 0.05)
+                gets = [client.get(self.random.choice(self.queues), 0.05)
+                        for _ in range(self.args.window)]
                 if self.random.random() < self.args.drop_rate:
                     dropping = True
                     self.audit.consumer_drops += 1
                     self._drop_later(client)
-                try:
-                    self._delivered(await get)
-                except GetTimeout:
-                    pass
-                except ConnectionClosed:
-                    # The server may have written a message to us already.
-                    self.audit.vanished_bound += 1
+                for get in gets:
+                    try:
+                        self._delivered(await get)
+                    except GetTimeout:
+                        pass
+                    except ConnectionClosed:
+                        # The server may have written a message to us already.
+                        self.audit.vanished_bound += 1
             if not dropping:
                 await client.disconnect()
             else:
@@ -202,7 +204,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--producers", type=int, default=4)
     parser.add_argument("--consumers", type=int, default=4)
     parser.add_argument("--queues", type=int, default=4)
-    parser.add_argument("--window", type=int, default=16, help="puts in flight per producer")
+    parser.add_argument("--window", type=int, default=16,
+                        help="requests in flight per producer or consumer")
     parser.add_argument("--max-size", type=int, default=2048, help="largest random payload")
     parser.add_argument("--drop-rate", type=float, default=0.02,
                         help="chance that a batch or get ends with a dropped connection")
