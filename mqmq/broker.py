@@ -96,10 +96,13 @@ class Broker(service.Service):
         :raises RequestError: when storing it would pass a limit (too many
             queues, too many messages or bytes held); nothing is stored then.
         """
+        existing = self._queues.get(queue_name)
+        if existing is None or not existing.waiters:
+            # Before creating the queue: a refused Put leaves nothing behind.
+            self._check_room(message)
         queue = self._queue(queue_name)
         waiter = queue.pop_waiter()
         if waiter is None:
-            self._check_room(message)
             queue.push(message)
             self.num_messages += 1
             self.num_bytes += len(message)

@@ -63,6 +63,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.factory.connections.add(self)
         # The transport pauses us when its unsent replies pass its buffer size.
         self.transport.registerProducer(self, True)
+        # Replies are whole frames, written at once: Nagle's algorithm would
+        # only hold back a large message's tail for the peer's delayed ACK
+        # (measured: 1 MiB put+get p99 42 ms with it, 1.3 ms without).
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):  # not TCP: a UNIX socket, a test transport
+            pass
         self.setTimeout(self.limits.idle_timeout or None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -147,6 +154,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _schedule_liveness_check(self) -> None:
         # Unread, a peer's FIN or RST goes unseen; ask the kernel instead, so
         # a departed consumer's waiter goes and never takes a message.
+        if self._liveness_check is not None and self._liveness_check.active():
+            return  # one check at a time, however often reading toggles
         self._liveness_check = self.broker.clock.callLater(LIVENESS_INTERVAL, self._check_liveness)
 
     def _check_liveness(self) -> None:
@@ -243,9 +252,16 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _wait_ended(self, failure: Failure) -> None:
         self._waiting = None
         if failure.check(errors.GetTimeout):
-            if not self._closing:
-                self.transport.write(_TIMEOUT_FRAME)
-                self._end_wait()
+            if self._closing:
+                return
+            if not self._reading and peer_has_gone(self.transport):
+                # The requests buffered behind this Get came from a peer that
+                # has left: answering them could hand its Gets messages that
+                # nobody will read.
+                self._abort("the peer went away while its Get waited")
+                return
+            self.transport.write(_TIMEOUT_FRAME)
+            self._end_wait()
         elif failure.check(defer.CancelledError):
             # The broker is stopping; connectionLost cancels with _closing set.
             if not self._closing:
