@@ -19,6 +19,7 @@ from mqmq.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_reques
 from mqmq.framing import FrameReceiver
 from mqmq.limits import Limits
 from mqmq.liveness import peer_has_gone
+from mqmq.writer import ReplyWriter
 
 _UINT32 = Struct(">I")
 _OK_FRAME = encode_frame([OK])
@@ -61,6 +62,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         self.broker.num_connections += 1
         self.factory.connections.add(self)
+        self._out = ReplyWriter(self.transport)
         # The transport pauses us when its unsent replies pass its buffer size.
         self.transport.registerProducer(self, True)
         # Replies are whole frames, written at once: Nagle's algorithm would
@@ -172,6 +174,14 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._closing = True
         self.transport.abortConnection()
 
+    def _parse_buffered(self) -> None:
+        # The replies to one read's requests go out together.
+        self._out.begin_batch()
+        try:
+            super()._parse_buffered()
+        finally:
+            self._out.end_batch()
+
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.info(
             "closing {peer}: frame of {length} bytes exceeds the limit of {limit}",
@@ -195,7 +205,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             elif type(command) is Get:
                 self._get(command)
             elif type(command) is Info:
-                self.transport.write(encode_frame([OK, self.broker.info_json()]))
+                self._out.write(encode_frame([OK, self.broker.info_json()]))
             elif type(command) is Quit:
                 self._close()
         except errors.RequestError as error:
@@ -208,7 +218,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _refuse(self, error: errors.RequestError) -> None:
         self.log.info("refused a request from {peer}: {error}",
                       peer=self.transport.getPeer(), error=error)
-        self.transport.write(encode_frame([ERROR, error.error_type.encode("ascii")]))
+        self._out.write(encode_frame([ERROR, error.error_type.encode("ascii")]))
         if error.error_type == errors.UNKNOWN_COMMAND:
             self._close()
 
@@ -220,7 +230,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 f"the limit is {self.limits.max_message_bytes}",
             )
         self.broker.put(command.queue, command.message)
-        self.transport.write(_OK_FRAME)
+        self._out.write(_OK_FRAME)
 
     def _get(self, command: Get) -> None:
         message = self.broker.take(command.queue)
@@ -236,7 +246,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _send_message(self, message: bytes) -> None:
         # Two writes, so a large message is not copied into a new frame.
         header = _UINT32.pack(4 + 2 + 4 + len(message)) + _UINT32.pack(2) + OK
-        self.transport.writeSequence([header, _UINT32.pack(len(message)), message])
+        self._out.write(header, _UINT32.pack(len(message)), message)
 
     def _delivered(self, message: bytes, queue: bytes) -> None:
         self._waiting = None
@@ -260,7 +270,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 # nobody will read.
                 self._abort("the peer went away while its Get waited")
                 return
-            self.transport.write(_TIMEOUT_FRAME)
+            self._out.write(_TIMEOUT_FRAME)
             self._end_wait()
         elif failure.check(defer.CancelledError):
             # The broker is stopping; connectionLost cancels with _closing set.
