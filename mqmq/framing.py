@@ -86,9 +86,10 @@ class FrameReceiver(Int32StringReceiver):
         offset = 0
         needed = _UINT32.size
         unpack_from = _UINT32.unpack_from
+        accepted = self.max_accepted_length
         while end - offset >= 4:
             (length,) = unpack_from(data, offset)
-            if length > self.max_accepted_length:
+            if length > accepted:
                 self._chunks = []
                 self._buffered = 0
                 self._needed = _UINT32.size
