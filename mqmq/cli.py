@@ -9,6 +9,7 @@ import time
 from typing import Any, NoReturn, Optional, Sequence, TextIO
 
 from twisted.internet import defer, task
+from twisted.internet.address import UNIXAddress
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -22,7 +23,7 @@ from twisted.python import usage
 from zope.interface import provider
 
 from mqmq import errors, tap
-from mqmq.address import DEFAULT_ADDRESS, parse_address
+from mqmq.address import DEFAULT_ADDRESS, Address, parse_address
 from mqmq.client import MQClient, connect
 
 #: Exit status of ``mqmq get`` when no message arrived before the timeout.
@@ -198,10 +199,14 @@ def _start(options: StartOptions) -> NoReturn:
 
 
 def _describe(address: Any) -> str:
+    """A listening address as the log shows it: HOST:PORT, or unix:PATH."""
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        return "unix:" + (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
     host = getattr(address, "host", None)
     if host is None:
-        return str(getattr(address, "name", address))
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+        return str(address)
+    return str(Address(host, address.port))
 
 
 async def _client_command(reactor: Any, options: usage.Options) -> None:

@@ -42,7 +42,9 @@ class ReplyWriter:
 
     def begin_batch(self) -> None:
         """Gather what is written until :meth:`end_batch`."""
-        if self._socket is not None:
+        # Nested (a skipped oversized frame re-enters the parse): keep the
+        # outer batch, or the replies it gathered are lost.
+        if self._socket is not None and self._batch is None:
             self._batch = []
             self._batch_bytes = 0
 

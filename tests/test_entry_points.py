@@ -455,3 +455,33 @@ def test_bad_duration_is_a_usage_error(procs: Processes, duration: str) -> None:
     result = procs.mqmq("get", "-addr", addr, "-timeout", duration, "q")
     assert result.returncode == EXIT_USAGE
     assert duration in assert_one_error_line(result)
+
+
+def test_start_listens_on_a_unix_socket_and_logs_its_path(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    path = tmp_path / "mqmq.sock"
+    server = subprocess.Popen(
+        [bin_path("mqmq"), "start", "--listen", f"unix:{path}"],
+        env=subprocess_env, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "the UNIX socket never appeared"
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(5)
+            client.connect(str(path))
+            client.sendall(b"\x00\x00\x00\x11" + b"\x00\x00\x00\x03Put\x00\x00\x00\x01q\x00\x00\x00\x01m")
+            assert client.recv(64) == b"\x00\x00\x00\x06\x00\x00\x00\x02OK"
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0
+    assert f"INFO: starting server: unix:{path}" in stderr
+    assert f"INFO: server stopped: unix:{path}" in stderr
