@@ -74,8 +74,6 @@ class MQClient(FrameReceiver):
     def __init__(self) -> None:
         self._pending: deque[_Request] = deque()
         self._disconnecting = False
-        self._closed = False
-        self._close_watchers: list[defer.Deferred[None]] = []
 
     def _send(self, values: list[bytes], read_reply: Callable[[list[bytes]], Any]) -> defer.Deferred[Any]:
         if self._closed or self._disconnecting:
@@ -128,14 +126,6 @@ class MQClient(FrameReceiver):
                 self.transport.loseConnection()
         return self.when_closed()
 
-    def when_closed(self) -> defer.Deferred[None]:
-        """A Deferred that fires when the connection has closed."""
-        if self._closed:
-            return defer.succeed(None)
-        watcher: defer.Deferred[None] = defer.Deferred()
-        self._close_watchers.append(watcher)
-        return watcher
-
     def stringReceived(self, payload: bytes) -> None:
         if not self._pending:
             self._fail_connection(errors.BadResponse("reply with no request in flight"))
@@ -169,15 +159,15 @@ class MQClient(FrameReceiver):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Closed before the failures go out, so that a request made from
+        # their errbacks fails at once instead of waiting forever.
         self._closed = True
         pending, self._pending = self._pending, deque()
         for request in pending:
             request.deferred.errback(
                 errors.ConnectionClosed(f"connection closed before the reply: {reason.getErrorMessage()}")
             )
-        watchers, self._close_watchers = self._close_watchers, []
-        for watcher in watchers:
-            watcher.callback(None)
+        super().connectionLost(reason)
 
 
 def connect(

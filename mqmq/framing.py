@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from struct import Struct
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mqmq.codec import MAX_FRAME_LENGTH
@@ -41,6 +44,24 @@ class FrameReceiver(Int32StringReceiver):
     _needed = _UINT32.size
     _skipping = 0
     _skipped_length = 0
+    _closed = False
+    _close_watchers: list[defer.Deferred[None]] | None = None
+
+    def when_closed(self) -> defer.Deferred[None]:
+        """A Deferred that fires once the connection has closed."""
+        if self._closed:
+            return defer.succeed(None)
+        if self._close_watchers is None:
+            self._close_watchers = []
+        watcher: defer.Deferred[None] = defer.Deferred()
+        self._close_watchers.append(watcher)
+        return watcher
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
+        watchers, self._close_watchers = self._close_watchers or [], None
+        for watcher in watchers:
+            watcher.callback(None)
 
     @property
     def max_accepted_length(self) -> int:

@@ -50,8 +50,6 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._closing = False
         self._reading = True
         self._liveness_check: Optional[IDelayedCall] = None
-        self._closed = False
-        self._close_watchers: list[defer.Deferred[None]] = []
 
     @property
     def max_accepted_length(self) -> int:
@@ -84,10 +82,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if self._waiting is not None:
             # Withdraws the waiter: a departed consumer never takes a message.
             self._waiting.cancel()
-        self._closed = True
-        watchers, self._close_watchers = self._close_watchers, []
-        for watcher in watchers:
-            watcher.callback(None)
+        super().connectionLost(reason)
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         # TimeoutMixin's clock: the broker's, not the global reactor.
@@ -97,14 +92,6 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.log.info("closing {peer}: idle for {seconds} s",
                       peer=self.transport.getPeer(), seconds=self.limits.idle_timeout)
         self._close()
-
-    def when_closed(self) -> defer.Deferred[None]:
-        """A Deferred that fires once the connection has closed."""
-        if self._closed:
-            return defer.succeed(None)
-        watcher: defer.Deferred[None] = defer.Deferred()
-        self._close_watchers.append(watcher)
-        return watcher
 
     def _close(self) -> None:
         self._closing = True
