@@ -8,7 +8,7 @@ order, are matched to them in that order.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol

@@ -17,7 +17,6 @@ from mqmq.broker import Broker
 from mqmq.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
 from mqmq.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
 from mqmq.framing import FrameReceiver
-from mqmq.limits import Limits
 from mqmq.liveness import peer_has_gone
 from mqmq.writer import ReplyWriter
 

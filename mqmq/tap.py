@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 from dataclasses import fields
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.python import usage
 

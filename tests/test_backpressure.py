@@ -15,66 +15,20 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer, reactor, task
-from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 
 from mqmq import server as server_module
-from mqmq.broker import Broker
 from mqmq.client import connect
 from mqmq.codec import decode_frames, encode_frame
 from mqmq.limits import Limits
 from mqmq.liveness import peer_has_gone
-from mqmq.server import LIVENESS_INTERVAL, MQServerFactory, MQServerProtocol
+from mqmq.server import LIVENESS_INTERVAL, MQServerProtocol
 from mqmq.service import MQService
+from wire import Connection, Frame, Server
 
-Frame = list[bytes]
-
-
-class Server:
-    """One broker with the given limits and its factory, on a fake clock."""
-
-    def __init__(self, limits: Limits = Limits()) -> None:
-        self.clock = task.Clock()
-        self.broker = Broker(self.clock, limits)
-        self.factory = MQServerFactory(self.broker)
-        self._port = 40000
-
-    def connect(self, transport: StringTransport | None = None) -> Connection:
-        self._port += 1
-        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", self._port))
-        assert protocol is not None
-        transport = transport if transport is not None else StringTransport()
-        protocol.makeConnection(transport)
-        return Connection(protocol, transport)
-
-
-class Connection:
-    def __init__(self, protocol: MQServerProtocol, transport: StringTransport) -> None:
-        self.protocol = protocol
-        self.transport = transport
-        self._read = 0
-
-    def send(self, *frames: Sequence[bytes]) -> None:
-        self.protocol.dataReceived(b"".join(encode_frame(f) for f in frames))
-
-    def replies(self) -> list[Frame]:
-        data = self.transport.value()[self._read :]
-        self._read += len(data)
-        frames, rest = decode_frames(data)
-        assert rest == b""
-        return frames
-
-    @property
-    def reading(self) -> bool:
-        """Whether the protocol lets its transport read."""
-        return bool(self.transport.producerState == "producing")
-
-    def lose(self) -> None:
-        """The reactor reports the connection closed."""
-        self.protocol.connectionLost()
 
 
 class SmallBufferTransport(StringTransport):

@@ -11,91 +11,20 @@ import struct
 from typing import Any, Sequence
 
 import pytest
-from twisted.internet import task
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 
 from mqmq import tap
-from mqmq.broker import Broker
-from mqmq.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame, max_frame_length
+from mqmq.codec import MAX_FRAME_LENGTH, encode_frame, max_frame_length
 from mqmq.limits import Limits
-from mqmq.server import MQServerFactory, MQServerProtocol
+from wire import Server
 
-Frame = list[bytes]
 
 OK_BYTES = b"\x00\x00\x00\x06\x00\x00\x00\x02OK"
 TOO_LARGE = [b"Error", b"REQUEST_MESSAGE_TOO_LARGE"]
 STORAGE_FULL = [b"Error", b"SERVER_STORAGE_FULL"]
 TOO_MANY_QUEUES = [b"Error", b"SERVER_TOO_MANY_QUEUES"]
 MiB = 1024 * 1024
-
-
-class Server:
-    """One broker with the given limits and its factory, on a fake clock."""
-
-    def __init__(self, limits: Limits = Limits()) -> None:
-        self.clock = task.Clock()
-        self.broker = Broker(self.clock, limits)
-        self.factory = MQServerFactory(self.broker)
-        self._port = 40000
-
-    def build(self) -> MQServerProtocol | None:
-        self._port += 1
-        return self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", self._port))
-
-    def connect(self) -> Connection:
-        protocol = self.build()
-        assert protocol is not None
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self._port))
-        protocol.makeConnection(transport)
-        return Connection(protocol, transport)
-
-    def queue_contents(self) -> dict[bytes, list[bytes]]:
-        """Every queue and its messages, read (and put back) through the broker."""
-        contents: dict[bytes, list[bytes]] = {}
-        for name, _ in list(self.broker.queue_sizes()):
-            messages: list[bytes] = []
-            while (message := self.broker.take(name)) is not None:
-                messages.append(message)
-            for message in messages:
-                self.broker.put(name, message)
-            contents[name] = messages
-        return contents
-
-
-class Connection:
-    """A server protocol with helpers to send frames and read its replies."""
-
-    def __init__(self, protocol: MQServerProtocol, transport: StringTransport) -> None:
-        self.protocol = protocol
-        self.transport = transport
-        self._read = 0
-
-    def send(self, *frames: Sequence[bytes]) -> None:
-        self.protocol.dataReceived(b"".join(encode_frame(f) for f in frames))
-
-    def send_raw(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def raw(self) -> bytes:
-        data = self.transport.value()[self._read :]
-        self._read += len(data)
-        return data
-
-    def replies(self) -> list[Frame]:
-        frames, rest = decode_frames(self.raw())
-        assert rest == b""
-        return frames
-
-    def close(self) -> None:
-        self.transport.loseConnection()
-        self.protocol.connectionLost()
-
-    @property
-    def closed(self) -> bool:
-        return bool(self.transport.disconnecting)
 
 
 def logged(events: Sequence[dict[str, Any]], *needles: str) -> list[str]:

@@ -4,79 +4,19 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import task
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
-from mqmq.broker import Broker
 from mqmq.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame
-from mqmq.server import MQServerFactory, MQServerProtocol
+from wire import Frame, Server
 
-Frame = list[bytes]
 
 OK_BYTES = b"\x00\x00\x00\x06\x00\x00\x00\x02OK"
 TIMEOUT_BYTES = b"\x00\x00\x00\x0b\x00\x00\x00\x07Timeout"
-
-
-class Server:
-    """One broker and factory, on a fake clock; opens fake connections to them."""
-
-    def __init__(self) -> None:
-        self.clock = task.Clock()
-        self.broker = Broker(self.clock)
-        self.factory = MQServerFactory(self.broker)
-        self._port = 40000
-
-    def connect(self) -> Connection:
-        self._port += 1
-        addr = IPv4Address("TCP", "127.0.0.1", self._port)
-        protocol = self.factory.buildProtocol(addr)
-        transport = StringTransport(peerAddress=addr)
-        protocol.makeConnection(transport)
-        return Connection(protocol, transport)
-
-
-class Connection:
-    """A server protocol with helpers to send frames and read its replies."""
-
-    def __init__(self, protocol: MQServerProtocol, transport: StringTransport) -> None:
-        self.protocol = protocol
-        self.transport = transport
-        self._read = 0
-
-    def send(self, *frames: Sequence[bytes]) -> None:
-        """Send frames in a single segment."""
-        self.protocol.dataReceived(b"".join(encode_frame(f) for f in frames))
-
-    def send_raw(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def raw(self) -> bytes:
-        """Everything written since the last ``raw``/``replies`` call."""
-        data = self.transport.value()[self._read :]
-        self._read += len(data)
-        return data
-
-    def replies(self) -> list[Frame]:
-        """Whole frames written since the last call; there must be no partial frame."""
-        frames, rest = decode_frames(self.raw())
-        assert rest == b""
-        return frames
-
-    def close(self) -> None:
-        """The connection goes away, as the reactor reports it."""
-        self.transport.loseConnection()
-        self.protocol.connectionLost()
-
-    @property
-    def closed(self) -> bool:
-        return bool(self.transport.disconnecting)
 
 
 def info_of(frame: Frame) -> dict[str, Any]:

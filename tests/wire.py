@@ -1,0 +1,101 @@
+"""Server protocols on fake transports: frames in, replies out, no sockets.
+
+Shared by the tests of the protocol, its limits and its backpressure.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from mqmq.broker import Broker
+from mqmq.codec import decode_frames, encode_frame
+from mqmq.limits import Limits
+from mqmq.server import MQServerFactory, MQServerProtocol
+
+Frame = list[bytes]
+
+
+class Server:
+    """One broker with the given limits and its factory, on a fake clock."""
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.clock = task.Clock()
+        self.broker = Broker(self.clock, limits)
+        self.factory = MQServerFactory(self.broker)
+        self._port = 40000
+
+    def build(self) -> Optional[MQServerProtocol]:
+        """A protocol for a new connection, or None if the factory refuses it."""
+        self._port += 1
+        return self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", self._port))
+
+    def connect(self, transport: Optional[StringTransport] = None) -> Connection:
+        """A new connection, made on ``transport`` (a fresh StringTransport by default)."""
+        protocol = self.build()
+        assert protocol is not None
+        if transport is None:
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self._port))
+        protocol.makeConnection(transport)
+        return Connection(protocol, transport)
+
+    def queue_contents(self) -> dict[bytes, list[bytes]]:
+        """Every queue and its messages, read (and put back) through the broker."""
+        contents: dict[bytes, list[bytes]] = {}
+        for name, _ in list(self.broker.queue_sizes()):
+            messages: list[bytes] = []
+            while (message := self.broker.take(name)) is not None:
+                messages.append(message)
+            for message in messages:
+                self.broker.put(name, message)
+            contents[name] = messages
+        return contents
+
+
+class Connection:
+    """A server protocol with helpers to send frames and read its replies."""
+
+    def __init__(self, protocol: MQServerProtocol, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self._read = 0
+
+    def send(self, *frames: Sequence[bytes]) -> None:
+        """Send frames in a single segment."""
+        self.protocol.dataReceived(b"".join(encode_frame(f) for f in frames))
+
+    def send_raw(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def raw(self) -> bytes:
+        """Everything written since the last ``raw``/``replies`` call."""
+        data = self.transport.value()[self._read :]
+        self._read += len(data)
+        return data
+
+    def replies(self) -> list[Frame]:
+        """Whole frames written since the last call; there must be no partial frame."""
+        frames, rest = decode_frames(self.raw())
+        assert rest == b""
+        return frames
+
+    def close(self) -> None:
+        """The connection goes away, as the reactor reports it."""
+        self.transport.loseConnection()
+        self.protocol.connectionLost()
+
+    def lose(self) -> None:
+        """The reactor reports the connection closed (the transport may not know)."""
+        self.protocol.connectionLost()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    @property
+    def reading(self) -> bool:
+        """Whether the protocol lets its transport read."""
+        return bool(self.transport.producerState == "producing")
