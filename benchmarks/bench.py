@@ -2,7 +2,7 @@
 """Throughput, latency and memory of an mqmq server, beside a "floor" server.
 
     python benchmarks/bench.py [--addr HOST:PORT]
-        [--workloads sync,pipelined,fan,memory,large,idle,scaling]
+        [--workloads sync,pipelined,client,fan,memory,large,idle,scaling]
         [--runs N] [--json FILE] [--chart FILE.png] [--quick]
 
 Starts our server (``python -m mqmq start``) on a free loopback port, or
@@ -14,9 +14,10 @@ load generator's.
 
 The load generator runs in worker processes: blocking sockets, requests
 encoded once, replies checked against the expected bytes while walking frame
-lengths in large receive buffers.  A reply that is not the expected one, or a
-count that does not add up, is an error: the run goes on with the next
-workload and the exit status is 1.  See benchmarks/README.md.
+lengths in large receive buffers.  The ``client`` workload instead measures
+our own Deferred client (``mqmq.client``) on a reactor.  A reply that is not
+the expected one, or a count that does not add up, is an error: the run goes
+on with the next workload and the exit status is 1.  See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import tempfile
 import time
 import traceback
 from array import array
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait as wait_for_results
 from typing import Any, Callable, Optional, Sequence
 
@@ -55,6 +56,7 @@ JOB_TIMEOUT_S = 600.0
 MESSAGE_SIZE = 100
 LARGE_SIZE = 1024 * 1024
 PIPELINE_WINDOW = 128
+CLIENT_WINDOW = 128
 FAN_WINDOW = 128
 FAN_PRODUCERS = 4
 FAN_CONSUMERS = 4
@@ -62,7 +64,7 @@ FAN_GET_TIMEOUT_MS = 1000
 SCALING_WINDOW = 16
 SCALING_CONNECTIONS = (1, 2, 4, 8, 16, 32, 64)
 
-WORKLOADS = ("sync", "pipelined", "fan", "memory", "large", "idle", "scaling")
+WORKLOADS = ("sync", "pipelined", "client", "fan", "memory", "large", "idle", "scaling")
 
 #: The original Go server's figures on a 2-core machine of this class; for
 #: the reader, never checked.
@@ -71,6 +73,11 @@ GO_FIGURES = {
     ("pipelined", "rate"): "100,000–112,000",
     ("fan", "rate"): "34,000–43,000",
     ("memory", "rss_full_mb"): "234",
+}
+
+#: Targets set for our server (the project's issue); shown beside the figures.
+TARGETS = {
+    ("client", "put_rate"): "≥ 100,000 (target)",
 }
 
 
@@ -864,6 +871,118 @@ def idle_job(address: str, idle: int, spec: Spec, warmup: Spec, check_info: bool
             idle_sock.close()
 
 
+def client_job(address: str, queue: bytes, count: int, window: int, warmup: int) -> dict[str, Any]:
+    """Our own Deferred client, on a reactor in this process: ``count`` Puts, then ``count`` Gets.
+
+    ``window`` requests in flight: a set of Deferreds, a new request sent as
+    each one fires.  ``warmup`` Puts and Gets go first, untimed.  Unlike the
+    other jobs this one measures a client as users run it: the garbage
+    collector on, a timestamp and a Deferred per request.
+    """
+    try:
+        from twisted.internet import defer, reactor, task
+        from twisted.python.failure import Failure
+
+        from mqmq.client import MQClient, connect as client_connect
+    except ImportError as error:
+        raise BenchError(f"the client workload needs mqmq and Twisted importable "
+                         f"(install the package, or set PYTHONPATH to the checkout): {error}") from None
+    gc.enable()
+    body = message_body(size_of_queue(queue))
+
+    def pipeline(issue: Callable[[], Any], total: int, what: str) -> Any:
+        """Fires with (start ns, end ns, latencies ns) once ``total`` replies came."""
+        done: Any = defer.Deferred()
+        in_flight: set[Any] = set()
+        latencies = array("q")
+        state = {"sent": 0, "replied": 0, "start": perf_ns(), "progress": perf_ns()}
+
+        def send() -> None:
+            state["sent"] += 1
+            sent_at = perf_ns()
+            request = issue()
+            in_flight.add(request)
+            request.addCallbacks(replied, failed, callbackArgs=(request, sent_at),
+                                 errbackArgs=(request,))
+
+        def replied(value: Optional[bytes], request: Any, sent_at: int) -> None:
+            now = perf_ns()
+            in_flight.discard(request)
+            if done.called:
+                return
+            if value is not None and value != body:
+                finish(BenchError(f"{what}: unexpected message {value[:48]!r} ({len(value)} bytes) "
+                                  f"after {state['replied']:,} good replies"))
+                return
+            latencies.append(now - sent_at)
+            state["replied"] += 1
+            state["progress"] = now
+            if state["sent"] < total:
+                send()
+            elif not in_flight:
+                finish((state["start"], now, latencies))
+
+        def failed(reason: Any, request: Any) -> None:
+            in_flight.discard(request)
+            if not done.called:
+                finish(BenchError(f"{what}: {reason.getErrorMessage()} "
+                                  f"after {state['replied']:,} of {total:,} replies"))
+
+        def stalled() -> None:
+            if perf_ns() - state["progress"] > STALL_S * 1e9:
+                finish(BenchError(f"{what}: no reply for {STALL_S:g} s after "
+                                  f"{state['replied']:,} of {total:,} replies"))
+
+        watchdog = task.LoopingCall(stalled)
+
+        def finish(outcome: Any) -> None:
+            if watchdog.running:
+                watchdog.stop()
+            if isinstance(outcome, Exception):
+                done.errback(outcome)
+            else:
+                done.callback(outcome)
+
+        watchdog.start(1.0, now=False)
+        for _ in range(min(window, total)):
+            send()
+        return done
+
+    async def run() -> dict[str, Any]:
+        try:
+            client: MQClient = await client_connect(reactor, address, timeout=10)
+        except Exception as error:
+            raise BenchError(f"cannot connect to {address}: {error}") from None
+        try:
+            await pipeline(lambda: client.put(queue, body), warmup, "warm-up put")
+            await pipeline(lambda: client.get(queue), warmup, "warm-up get")
+            puts = await pipeline(lambda: client.put(queue, body), count, "put")
+            gets = await pipeline(lambda: client.get(queue), count, "get")
+        finally:
+            await client.disconnect()
+        return {"put": puts, "get": gets}
+
+    outcome: list[Any] = []
+
+    def stop(result: Any) -> None:
+        outcome.append(result)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(run()).addBoth(stop))
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    if not outcome:
+        raise BenchError("the client's reactor stopped before the workload finished")
+    if isinstance(outcome[0], Failure):
+        if outcome[0].check(BenchError):
+            raise BenchError(outcome[0].getErrorMessage())
+        raise BenchError("the client failed:\n" + outcome[0].getTraceback())
+    results = {}
+    for phase, (start, end, latencies) in outcome[0].items():
+        results[phase] = {"requests": len(latencies), "start": start, "end": end,
+                          "lat": latencies, "cnt": array("q", [1]) * len(latencies)}
+    return results
+
+
 # --- Running jobs in worker processes --------------------------------------------
 
 _MP = multiprocessing.get_context("fork")
@@ -975,6 +1094,7 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
 class Counts:
     sync_pairs: int = 20_000
     pipelined: int = 200_000
+    client: int = 200_000
     fan: int = 200_000
     memory: int = 1_000_000
     large_pairs: int = 200
@@ -1056,6 +1176,23 @@ class Bench:
                                              None, self.warmup(queue)))])
         self.expect_queue(target, queue, 0, "after the pipelined workload")
         return combine([result])
+
+    def client(self, target: Target, run: int) -> dict[str, Any]:
+        count = self.counts.client
+        queue = self.queue("client", run, MESSAGE_SIZE)
+        [result] = run_jobs([(client_job, (target.address, queue, count, CLIENT_WINDOW,
+                                           max(10, self.counts.warmup_pairs)))])
+        puts, gets = result["put"], result["get"]
+        if puts["requests"] != count or gets["requests"] != count:
+            raise BenchError(f"{puts['requests']:,} puts and {gets['requests']:,} gets answered; "
+                             f"expected {count:,} of each")
+        self.expect_queue(target, queue, 0, "after the client workload")
+        both = combine([puts, gets])
+        put, get = combine([puts]), combine([gets])
+        both.update(put_rate=put["rate"], get_rate=get["rate"],
+                    put_p50_us=put["p50_us"], put_p99_us=put["p99_us"],
+                    get_p50_us=get["p50_us"], get_p99_us=get["p99_us"])
+        return both
 
     def fan(self, target: Target, run: int) -> dict[str, Any]:
         total = self.counts.fan
@@ -1213,6 +1350,8 @@ ROWS: list[tuple[str, str, str, Optional[bool]]] = [
     ("sync", "us_per_pair", "µs per put+get", False),
     ("sync", "rate", "requests/s", True),
     ("pipelined", "rate", "requests/s", True),
+    ("client", "put_rate", "put requests/s", True),
+    ("client", "get_rate", "get requests/s", True),
     ("fan", "rate", "messages/s", True),
     ("memory", "rss_full_mb", "MB resident, full", None),
     ("memory", "rss_before_mb", "MB resident, before", None),
@@ -1228,7 +1367,7 @@ ROWS: list[tuple[str, str, str, Optional[bool]]] = [
 
 def print_tables(results: dict[str, dict[str, Any]], counts: Counts) -> None:
     lines = []
-    head = f"{'workload':<10} {'figure':<22} {'mqmq':>11} {'floor':>11} {'floor ÷ mqmq':>13}  Go mqmq"
+    head = f"{'workload':<10} {'figure':<22} {'mqmq':>11} {'floor':>11} {'floor ÷ mqmq':>13}  Go mqmq / target"
     lines += [head, "-" * len(head)]
     previous = ""
     for workload, key, label, higher in ROWS:
@@ -1239,7 +1378,7 @@ def print_tables(results: dict[str, dict[str, Any]], counts: Counts) -> None:
         ratio = ""
         if ours and floor:
             ratio = f"{(floor / ours if higher else ours / floor):.1f}×"
-        go = GO_FIGURES.get((workload, key), "")
+        go = GO_FIGURES.get((workload, key)) or TARGETS.get((workload, key), "")
         if workload == "memory" and go and counts.memory != 1_000_000:
             go += " (1M msgs)"
         shown, previous = ("" if workload == previous else workload), workload
@@ -1251,7 +1390,7 @@ def print_tables(results: dict[str, dict[str, Any]], counts: Counts) -> None:
             f"   {'RSS MB mqmq':>11} {'floor':>7}")
     print(head)
     print("-" * len(head))
-    what = {"sync": "put, get", "pipelined": "put, get", "fan": "put", "memory": "fill put",
+    what = {"sync": "put, get", "pipelined": "put, get", "client": "put, get", "fan": "put", "memory": "fill put",
             "large": "put, get", "idle": "put, get"}
     for workload in WORKLOADS:
         if workload not in results or workload == "scaling":
@@ -1261,9 +1400,12 @@ def print_tables(results: dict[str, dict[str, Any]], counts: Counts) -> None:
         print(f"{workload:<10} {what[workload] + ' (µs)':<16} {fmt(ours.get('p50_us')):>9} {fmt(ours.get('p99_us')):>9} "
               f"{fmt(floor.get('p50_us')):>10} {fmt(floor.get('p99_us')):>9}   "
               f"{fmt(ours.get('rss_mb')):>11} {fmt(floor.get('rss_mb')):>7}")
-    if "fan" in results:
-        ours = results["fan"].get("mqmq", {}).get("median", {})
-        if ours:
+        if workload == "client":
+            for phase in ("put", "get"):
+                print(f"{'':<10} {'  ' + phase + ' only (µs)':<16} {fmt(ours.get(phase + '_p50_us')):>9} "
+                      f"{fmt(ours.get(phase + '_p99_us')):>9} {fmt(floor.get(phase + '_p50_us')):>10} "
+                      f"{fmt(floor.get(phase + '_p99_us')):>9}")
+        if workload == "fan" and ours:
             print(f"{'':<10} {'fan get (µs)':<16} {fmt(ours.get('get_p50_us')):>9} {fmt(ours.get('get_p99_us')):>9}"
                   "   (a Get's wait for a message, mqmq)")
     if "idle" in results:
@@ -1339,6 +1481,8 @@ def progress(workload: str, target: str, run: int, runs: int, metrics: dict[str,
             parts.append(f"{metrics['rss_full_mb']:.0f} MB full (from {metrics['rss_before_mb']:.0f}, "
                          f"{metrics['bytes_per_message']:.0f} B/message)")
         parts.append(f"fill {metrics['fill_rate']:,.0f} req/s, drain {metrics['drain_rate']:,.0f} req/s")
+    elif workload == "client":
+        parts.append(f"put {metrics['put_rate']:,.0f} req/s, get {metrics['get_rate']:,.0f} req/s")
     elif "rate" in metrics:
         unit = "msg/s" if workload == "fan" else "req/s"
         parts.append(f"{metrics['rate']:,.0f} {unit}")
@@ -1397,7 +1541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     servers: list[ServerProcess] = []
     report: dict[str, Any] = {"machine": machine(), "settings": {
         "quick": args.quick, "runs": args.runs, "counts": asdict(counts), "message_size": MESSAGE_SIZE,
-        "large_size": LARGE_SIZE, "pipeline_window": PIPELINE_WINDOW, "scaling_window": SCALING_WINDOW,
+        "large_size": LARGE_SIZE, "pipeline_window": PIPELINE_WINDOW,
+        "client_window": CLIENT_WINDOW, "scaling_window": SCALING_WINDOW,
         "generator_processes_max": generator_processes()}}
     results: dict[str, dict[str, Any]] = {}
     scaling: dict[str, Any] = {}
@@ -1510,7 +1655,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for server in servers:
             server.stop()
     report.update(workloads=results, scaling=scaling, errors=errors, notes=bench.notes,
-                  go_figures={f"{w}.{k}": v for (w, k), v in GO_FIGURES.items()})
+                  go_figures={f"{w}.{k}": v for (w, k), v in GO_FIGURES.items()},
+                  targets={f"{w}.{k}": v for (w, k), v in TARGETS.items()})
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

@@ -16,10 +16,13 @@ the 2-core VM of the README: fan 48,800 → 71,300 messages/s, pipelined
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Optional
 
 from twisted.internet import tcp
+
+_MOST_PARTS = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 #: Replies gathered in a batch before they go out: past this they are sent
 #: at once, so that a batch of large replies meets backpressure in time.
@@ -77,9 +80,14 @@ class ReplyWriter:
             or transport._tempDataBuffer
             or not transport.connected
             or transport.disconnecting
+            or getattr(transport, "_aborting", False)
         ):
             transport.writeSequence(parts)
             return
+        if len(parts) > _MOST_PARTS:
+            # sendmsg takes at most IOV_MAX buffers.  A batch that long is
+            # made of short replies (it is sent at FLUSH_BYTES), cheap to join.
+            parts = [b"".join(parts)]
         try:
             sent = sock.sendmsg(parts) if len(parts) > 1 else sock.send(parts[0])
         except OSError:
