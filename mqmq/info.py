@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from mqmq.errors import BadResponse
 
@@ -86,6 +86,22 @@ class ServerInfo:
         return "\n".join(lines) + "\n"
 
 
+def queue_key(name: bytes) -> str:
+    """The start of a queue's entry in ``Info`` JSON, up to its message count."""
+    return f'{_go_json_string(name)}:{{"NumMessages":'
+
+
+def encode_info_entries(
+    num_connections: int, num_messages: int, entries: Sequence[tuple[str, int]]
+) -> bytes:
+    """Encode an ``Info`` reply from (:func:`queue_key`, count) pairs in name order."""
+    queues = ",".join([f"{key}{count}}}" for key, count in entries])
+    return (
+        f'{{"NumConnections":{num_connections},"NumQueues":{len(entries)},'
+        f'"NumMessages":{num_messages},"Queues":{{{queues}}}}}'
+    ).encode("utf-8")
+
+
 def encode_info(num_connections: int, num_messages: int, queues: Mapping[bytes, int]) -> bytes:
     """Encode an ``Info`` reply from raw queue names and their message counts.
 
@@ -93,11 +109,7 @@ def encode_info(num_connections: int, num_messages: int, queues: Mapping[bytes, 
     as Go sorts map keys, and names that are not valid UTF-8 are made valid.
     Two names differing only in invalid bytes both appear, as in Go.
     """
-    entries = ",".join(
-        f'{_go_json_string(name)}:{{"NumMessages":{count}}}'
-        for name, count in sorted(queues.items())
+    return encode_info_entries(
+        num_connections, num_messages,
+        [(queue_key(name), count) for name, count in sorted(queues.items())],
     )
-    return (
-        f'{{"NumConnections":{num_connections},"NumQueues":{len(queues)},'
-        f'"NumMessages":{num_messages},"Queues":{{{entries}}}}}'
-    ).encode("utf-8")

@@ -332,3 +332,18 @@ def test_stop_service_cancels_waiters_and_timers_and_keeps_messages() -> None:
     assert broker.take(b"kept") == b"m1"
     assert broker.take(b"kept") == b"m2"
     assert broker.take(b"x") == b"late"
+
+
+def test_info_sees_queues_created_and_counts_changed_after_an_earlier_info() -> None:
+    broker = Broker(task.Clock())
+    broker.put(b"b", b"1")
+    first = json.loads(broker.info_json())
+    assert first["Queues"] == {"b": {"NumMessages": 1}}
+    broker.put(b"a", b"1")
+    broker.put(b"b", b"2")
+    broker.take(b"c")
+    second = broker.info_json()
+    assert second == (
+        b'{"NumConnections":0,"NumQueues":3,"NumMessages":3,"Queues":'
+        b'{"a":{"NumMessages":1},"b":{"NumMessages":2},"c":{"NumMessages":0}}}'
+    )
