@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from struct import pack
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -24,6 +24,7 @@ from mqmq.errors import (
 )
 from mqmq.info import ServerInfo
 from mqmq.testing import MemoryServer
+from support import failure, success
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -43,27 +44,6 @@ def connected() -> tuple[MQClient, StringTransport]:
     transport = StringTransport()
     client.makeConnection(transport)
     return client, transport
-
-
-def _outcome(deferred: Deferred[Any]) -> object:
-    results: list[object] = []
-    deferred.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
-def success(deferred: Deferred[T]) -> T:
-    result = _outcome(deferred)
-    if isinstance(result, Failure):
-        pytest.fail(f"expected a result, got {result.getTraceback()}")
-    return cast(T, result)
-
-
-def failure(deferred: Deferred[Any], kind: type[E]) -> E:
-    result = _outcome(deferred)
-    assert isinstance(result, Failure), f"expected {kind.__name__}, got result {result!r}"
-    assert result.check(kind), f"expected {kind.__name__}, got {result.value!r}"
-    return cast(E, result.value)
 
 
 def send(client: MQClient, request_kind: str) -> Deferred[Any]:

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 
 from conftest import bin_path, free_port
+from support import read_exactly
 
 # Exit statuses are part of the command's contract (scripts test them), so
 # they are spelt out here rather than taken from mqmq.cli.
@@ -54,22 +55,12 @@ def _frame(*values: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
-def _read_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError("server closed the connection")
-        data += chunk
-    return data
-
-
 def raw_info(port: int) -> dict:
     """The server's Info JSON, fetched over a plain socket (no mqmq client code)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(_frame(b"Info"))
-        (length,) = struct.unpack(">I", _read_exactly(sock, 4))
-        payload = _read_exactly(sock, length)
+        (length,) = struct.unpack(">I", read_exactly(sock, 4))
+        payload = read_exactly(sock, length)
         sock.sendall(_frame(b"Quit"))
     values = []
     while payload:

@@ -34,6 +34,7 @@ from mqmq.broker import Broker, Waiter
 from mqmq.limits import Limits
 from mqmq.server import LIVENESS_INTERVAL, MQServerProtocol
 from mqmq.service import MQService
+from support import read_exactly
 
 _UINT32 = struct.Struct(">I")
 
@@ -596,16 +597,6 @@ class Server:
         self.process.wait()
         for sock in self.sockets:
             sock.close()
-
-
-def read_exactly(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        data += chunk
-    return data
 
 
 def read_frame(sock: socket.socket) -> list[bytes]:

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-import pytest
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from mqmq.client import MQClient
 from mqmq.errors import ConnectionClosed, GetTimeout
 from mqmq.info import ServerInfo
 from mqmq.testing import MemoryServer
+from support import failure, success
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
-
-
-def _outcome(deferred: Deferred[Any]) -> object:
-    results: list[object] = []
-    deferred.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
-def success(deferred: Deferred[T]) -> T:
-    result = _outcome(deferred)
-    if isinstance(result, Failure):
-        pytest.fail(f"expected a result, got {result.getTraceback()}")
-    return cast(T, result)
-
-
-def failure(deferred: Deferred[Any], kind: type[E]) -> E:
-    result = _outcome(deferred)
-    assert isinstance(result, Failure), f"expected {kind.__name__}, got result {result!r}"
-    assert result.check(kind), f"expected {kind.__name__}, got {result.value!r}"
-    return cast(E, result.value)
 
 
 def test_the_docstring_example() -> None:
