@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 from dataclasses import fields
 from typing import Any, Optional
@@ -36,7 +37,7 @@ def _seconds(text: str) -> float:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not seconds >= 0:
+    if not 0 <= seconds < math.inf:
         raise usage.UsageError(f"{text!r} is not a number of seconds")
     return seconds
 

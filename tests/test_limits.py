@@ -486,7 +486,7 @@ def test_bad_counts_are_usage_errors(option: str, value: str) -> None:
         parse(option, value)
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "nan", "", "5s"])
+@pytest.mark.parametrize("value", ["-1", "abc", "nan", "inf", "", "5s"])
 def test_bad_idle_timeouts_are_usage_errors(value: str) -> None:
     with pytest.raises(usage.UsageError):
         parse("--idle-timeout", value)
