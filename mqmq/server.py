@@ -72,6 +72,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.setTimeout(self.limits.idle_timeout or None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # A message whose reply had not all reached the kernel was never
+        # handed over: it goes back to the front of its queue, in order.
+        for queue, message in reversed(self._out.undelivered()):
+            self.broker.put_back(queue, message)
         self.broker.num_connections -= 1
         self.factory.connections.discard(self)
         self._closing = True
@@ -221,7 +225,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _get(self, command: Get) -> None:
         message = self.broker.take(command.queue)
         if message is not None:
-            self._send_message(message)
+            self._send_message(command.queue, message)
             return
         waiting = self.broker.wait(command.queue, command.timeout_ms / 1000)
         self._waiting = waiting
@@ -229,10 +233,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.setTimeout(None)
         waiting.addCallbacks(self._delivered, self._wait_ended, (command.queue,))
 
-    def _send_message(self, message: bytes) -> None:
+    def _send_message(self, queue: bytes, message: bytes) -> None:
         # Two writes, so a large message is not copied into a new frame.
         header = _UINT32.pack(4 + 2 + 4 + len(message)) + _UINT32.pack(2) + OK
-        self._out.write(header, _UINT32.pack(len(message)), message)
+        self._out.write_message(queue, message, header, _UINT32.pack(len(message)), message)
 
     def _delivered(self, message: bytes, queue: bytes) -> None:
         self._waiting = None
@@ -242,7 +246,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             if not self._closing:
                 self._abort("the peer went away while its Get waited")
             return
-        self._send_message(message)
+        self._send_message(queue, message)
         self._end_wait()
 
     def _wait_ended(self, failure: Failure) -> None:

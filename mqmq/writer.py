@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from typing import Any, Optional
 
 from twisted.internet import tcp
@@ -32,7 +33,7 @@ FLUSH_BYTES = 64 * 1024
 class ReplyWriter:
     """Writes replies to one transport, directly to its socket when it can."""
 
-    __slots__ = ("transport", "_socket", "_batch", "_batch_bytes")
+    __slots__ = ("transport", "_socket", "_batch", "_batch_bytes", "_written", "_unflushed")
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
@@ -42,6 +43,10 @@ class ReplyWriter:
         self._socket: Optional[socket.socket] = handle
         self._batch: Optional[list[bytes]] = None
         self._batch_bytes = 0
+        # Bytes written so far, and the messages whose replies end past what
+        # is known to have reached the kernel: (end, queue, message).
+        self._written = 0
+        self._unflushed: deque[tuple[int, bytes, bytes]] = deque()
 
     def begin_batch(self) -> None:
         """Gather what is written until :meth:`end_batch`."""
@@ -54,24 +59,56 @@ class ReplyWriter:
     def end_batch(self) -> None:
         """Send what the batch gathered."""
         batch, self._batch = self._batch, None
+        size, self._batch_bytes = self._batch_bytes, 0
         if batch:
-            self._send(batch)
+            self._send(batch, size)
+
+    def write_message(self, queue: bytes, message: bytes, *parts: bytes) -> None:
+        """Write a reply (``parts``) that hands ``message`` from ``queue`` over.
+
+        Until all of its bytes have reached the kernel, the message is listed
+        by :meth:`undelivered`.
+        """
+        self.write(*parts)
+        if self._socket is not None:
+            unflushed = self._unflushed
+            if unflushed:
+                flushed = self._flushed()
+                while unflushed and unflushed[0][0] <= flushed:
+                    unflushed.popleft()
+            unflushed.append((self._written, queue, message))
+
+    def undelivered(self) -> list[tuple[bytes, bytes]]:
+        """(queue, message) of each message whose reply did not all reach the
+        kernel, oldest first: after a lost connection, they were never handed over."""
+        if self._socket is None:
+            return []
+        flushed = self._flushed()
+        return [(queue, message) for end, queue, message in self._unflushed if end > flushed]
+
+    def _flushed(self) -> int:
+        transport = self.transport
+        unsent = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        return self._written - unsent - self._batch_bytes
 
     def write(self, *parts: bytes) -> None:
         """Write a reply made of one or more byte strings."""
+        size = 0
+        for part in parts:
+            size += len(part)
+        self._written += size
         batch = self._batch
         if batch is None:
-            self._send(list(parts))
+            self._send(list(parts), size)
             return
         batch.extend(parts)
-        for part in parts:
-            self._batch_bytes += len(part)
+        self._batch_bytes += size
         if self._batch_bytes >= FLUSH_BYTES:
+            size, self._batch_bytes = self._batch_bytes, 0
             self._batch = []
-            self._batch_bytes = 0
-            self._send(batch)
+            self._send(batch, size)
 
-    def _send(self, parts: list[bytes]) -> None:
+    def _send(self, parts: list[bytes], size: int) -> None:
         transport = self.transport
         sock = self._socket
         if (
@@ -93,6 +130,11 @@ class ReplyWriter:
         except OSError:
             # Full (EAGAIN) or broken: Twisted sends later, or reports the error.
             sent = 0
+        if sent == size:
+            # Everything written so far is in the kernel's hands.
+            if self._unflushed:
+                self._unflushed.clear()
+            return
         for index, part in enumerate(parts):
             if sent < len(part):
                 rest = parts[index:]

@@ -293,8 +293,12 @@ async def test_disconnect_mid_reply_of_a_16_mib_message(harness: Harness) -> Non
     consumer.close()  # unread reply bytes: the kernel resets the connection
 
     await harness.gone(1)
-    # The producer's connection is untouched, and everyone else is served.
+    # Most of the reply never reached the kernel: the message was not handed
+    # over, so it is back at the front of its queue, whole.
+    assert harness.queued(b"big") == 1
     assert await producer.request(b"Put", b"big", b"small") == [b"OK"]
+    await producer.send(frame(b"Get", b"big", b"1000"))
+    assert await producer.read_frame(within=30) == [b"OK", big]
     assert await producer.request(b"Get", b"big", b"1000") == [b"OK", b"small"]
     await harness.still_serves()
 
@@ -474,6 +478,11 @@ async def test_messages_survive_a_run_of_faults_in_order(tight: Harness) -> None
         assert await consumer.request(b"Get", b"ledger", b"1000") == [b"OK", message]
     assert await consumer.request(b"Get", b"ledger", b"1") == [b"Timeout"]
     assert await consumer.request(b"Get", b"side", b"1000") == [b"OK", b"s0"]
+    # The cut-short large reply: if the kernel had not taken all of it, the
+    # message was not handed over and is back, whole.
+    if tight.queued(b"large"):
+        await consumer.send(frame(b"Get", b"large", b"1000"))
+        assert await consumer.read_frame(within=30) == [b"OK", b"L" * (4 * 1024 * 1024)]
     assert tight.broker.num_messages == 0
 
 

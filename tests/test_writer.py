@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Optional, Sequence
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
-from twisted.internet import defer, reactor, tcp, threads
+from twisted.internet import defer, reactor, task, tcp, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
@@ -427,6 +427,60 @@ async def test_a_full_socket_leaves_the_reply_to_twisted_which_pauses_the_produc
         peer.close()
 
 
+# -- messages not yet handed over ---------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_the_kernel_took_whole_is_not_undelivered(listener: Listener) -> None:
+    collector, server = await listener.connect_collector()
+    server.writer.write_message(b"q", b"small", frame(0), b"small")
+    assert server.writer.undelivered() == []
+    await everything_sent(collector, server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_whose_replies_did_not_reach_the_kernel_are_undelivered_in_order(
+    listener: Listener,
+) -> None:
+    peer = listener.connect_raw()
+    try:
+        server = await listener.accept()
+        server.tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server.writer.write_message(b"q", b"first", frame(1), b"first")
+        large = b"L" * (1024 * 1024)
+        server.writer.write_message(b"q", large, frame(2), large)
+        server.writer.write_message(b"r", b"last", frame(3), b"last")
+        assert unsent(server.tcp), "the socket should not have taken a whole MiB"
+        undelivered = server.writer.undelivered()
+        # Whatever the kernel took whole is handed over; the rest, in order.
+        assert undelivered[-2:] == [(b"q", large), (b"r", b"last")]
+        assert undelivered in ([(b"q", large), (b"r", b"last")],
+                               [(b"q", b"first"), (b"q", large), (b"r", b"last")])
+    finally:
+        peer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_once_the_buffer_drains_nothing_is_undelivered(listener: Listener) -> None:
+    collector, server = await listener.connect_collector()
+    collector.pause()
+    large = b"L" * (8 * 1024 * 1024)
+    server.writer.write_message(b"q", large, frame(1), large)
+    assert server.writer.undelivered() == [(b"q", large)]
+    collector.resume()
+    while unsent(server.tcp):
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert server.writer.undelivered() == []
+    received = await everything_sent(collector, server)
+    assert received == frame(1) + large
+
+
+def test_with_a_test_transport_nothing_is_tracked() -> None:
+    out = ReplyWriter(StringTransport())
+    out.write_message(b"q", b"m", b"m")
+    assert out.undelivered() == []
+
+
 # -- closing -----------------------------------------------------------------------------
 
 
@@ -628,5 +682,5 @@ def test_a_batch_of_more_parts_than_sendmsg_takes_still_uses_the_socket() -> Non
     sock = Recording()
     out._socket = sock  # type: ignore[assignment]
     parts = [b"ab"] * (writer_module._MOST_PARTS + 1)
-    out._send(parts)
+    out._send(parts, 2 * len(parts))
     assert sock.calls == [2 * len(parts)]
