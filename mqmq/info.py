@@ -23,8 +23,14 @@ codecs.register_error("mqmq-replace-each-byte", _replace_each_byte)
 # and writes each invalid UTF-8 byte as the six characters \ufffd.  Invalid
 # bytes arrive here as surrogateescape's lone surrogates U+DC80..U+DCFF, which
 # keeps them apart from a genuine U+FFFD in a name (Go writes that one raw).
+#
+# The original's Go (before 1.22) writes backspace and form feed as \u0008
+# and \u000c where Python writes \b and \f: they are swapped for surrogates
+# no decoder makes (U+DC08, U+DC0C) before encoding, and back after.
+_HIDE_SHORT_ESCAPES = str.maketrans({"\b": "\udc08", "\f": "\udc0c"})
 _GO_ESCAPES = str.maketrans(
-    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029",
+     "\udc08": "\\u0008", "\udc0c": "\\u000c"}
     | {chr(0xDC00 + byte): "\\ufffd" for byte in range(0x80, 0x100)}
 )
 
@@ -35,7 +41,7 @@ def queue_name_text(name: bytes) -> str:
 
 
 def _go_json_string(name: bytes) -> str:
-    text = name.decode("utf-8", "surrogateescape")
+    text = name.decode("utf-8", "surrogateescape").translate(_HIDE_SHORT_ESCAPES)
     return json.dumps(text, ensure_ascii=False).translate(_GO_ESCAPES)
 
 

@@ -25,10 +25,11 @@ def _decode_go_rune(data: bytes, start: int) -> Optional[int]:
 
 
 def go_json_string(name: bytes) -> bytes:
-    """A reference model of Go's encoding/json string encoder (HTML escaping on)."""
+    """A reference model of Go's encoding/json string encoder (HTML escaping on),
+    as the original was built: before Go 1.22, backspace and form feed are
+    written \\u0008 and \\u000c (checked against the original server)."""
     out = bytearray(b'"')
-    short = {b'"'[0]: b'\\"', b"\\"[0]: b"\\\\", 0x08: b"\\b", 0x0C: b"\\f",
-             0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
+    short = {b'"'[0]: b'\\"', b"\\"[0]: b"\\\\", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
     index = 0
     while index < len(name):
         byte = name[index]
@@ -331,4 +332,13 @@ def test_format_text_from_server_json() -> None:
         "Queues:\n"
         "        queue1: 10\n"
         "        queue2: 6\n"
+    )
+
+
+def test_control_characters_are_escaped_byte_for_byte_as_the_original_server_does() -> None:
+    # Bytes the original Go server sent for this queue name (interop run).
+    name = b"ctl\x00\x01\x08\t\n\x0c\r\x1b\x1f"
+    assert encode_info(0, 0, {name: 0}) == (
+        b'{"NumConnections":0,"NumQueues":1,"NumMessages":0,"Queues":'
+        b'{"ctl\\u0000\\u0001\\u0008\\t\\n\\u000c\\r\\u001b\\u001f":{"NumMessages":0}}}'
     )
