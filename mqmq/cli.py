@@ -9,7 +9,6 @@ import time
 from typing import Any, NoReturn, Optional, Sequence, TextIO
 
 from twisted.internet import defer, task
-from twisted.internet.address import UNIXAddress
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -23,7 +22,7 @@ from twisted.python import usage
 from zope.interface import provider
 
 from mqmq import errors, tap
-from mqmq.address import DEFAULT_ADDRESS, Address, parse_address
+from mqmq.address import DEFAULT_ADDRESS, describe, parse_address
 from mqmq.client import MQClient, connect
 
 #: Exit status of ``mqmq get`` when no message arrived before the timeout.
@@ -191,22 +190,11 @@ def _start(options: StartOptions) -> NoReturn:
     except Exception as error:  # a taken port, a bad endpoint: say so and leave
         log.error("cannot start server: {error}", error=error)
         raise SystemExit(EXIT_FAILURE)
-    addresses = ", ".join(_describe(port.getHost()) for port in server.ports)
+    addresses = ", ".join(describe(port.getHost()) for port in server.ports)
     log.info("starting server: {address}", address=addresses)
     reactor.run(installSignalHandlers=False)
     log.info("server stopped: {address}", address=addresses)
     raise SystemExit(0)
-
-
-def _describe(address: Any) -> str:
-    """A listening address as the log shows it: HOST:PORT, or unix:PATH."""
-    if isinstance(address, UNIXAddress):
-        name = address.name
-        return "unix:" + (name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name))
-    host = getattr(address, "host", None)
-    if host is None:
-        return str(address)
-    return str(Address(host, address.port))
 
 
 async def _client_command(reactor: Any, options: usage.Options) -> None:

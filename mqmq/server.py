@@ -13,6 +13,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mqmq import errors
+from mqmq.address import describe
 from mqmq.broker import Broker
 from mqmq.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
 from mqmq.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
@@ -87,13 +88,17 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._waiting.cancel()
         super().connectionLost(reason)
 
+    @property
+    def _peer(self) -> str:
+        return describe(self.transport.getPeer())
+
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         # TimeoutMixin's clock: the broker's, not the global reactor.
         return self.broker.clock.callLater(period, func)
 
     def timeoutConnection(self) -> None:
         self.log.info("closing {peer}: idle for {seconds} s",
-                      peer=self.transport.getPeer(), seconds=self.limits.idle_timeout)
+                      peer=self._peer, seconds=self.limits.idle_timeout)
         self._close()
 
     def _close(self) -> None:
@@ -138,7 +143,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if reading:
             self.transport.resumeProducing()
         else:
-            self.log.debug("stopped reading from {peer}", peer=self.transport.getPeer())
+            self.log.debug("stopped reading from {peer}", peer=self._peer)
             self.transport.pauseProducing()
             if self._waiting is not None:
                 self._schedule_liveness_check()
@@ -160,7 +165,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._schedule_liveness_check()
 
     def _abort(self, why: str) -> None:
-        self.log.info("closing {peer}: {why}", peer=self.transport.getPeer(), why=why)
+        self.log.info("closing {peer}: {why}", peer=self._peer, why=why)
         self._closing = True
         self.transport.abortConnection()
 
@@ -175,7 +180,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.info(
             "closing {peer}: frame of {length} bytes exceeds the limit of {limit}",
-            peer=self.transport.getPeer(), length=length, limit=self.MAX_LENGTH,
+            peer=self._peer, length=length, limit=self.MAX_LENGTH,
         )
         self._close()
 
@@ -202,12 +207,12 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._refuse(error)
         except errors.MalformedFrame as error:
             self.log.info("closing {peer}: malformed frame: {error}",
-                          peer=self.transport.getPeer(), error=error)
+                          peer=self._peer, error=error)
             self._close()
 
     def _refuse(self, error: errors.RequestError) -> None:
         self.log.info("refused a request from {peer}: {error}",
-                      peer=self.transport.getPeer(), error=error)
+                      peer=self._peer, error=error)
         self._out.write(encode_frame([ERROR, error.error_type.encode("ascii")]))
         if error.error_type == errors.UNKNOWN_COMMAND:
             self._close()
@@ -294,7 +299,7 @@ class MQServerFactory(Factory[MQServerProtocol]):
         if max_connections and len(self.connections) >= max_connections:
             self.log.warn("refused a connection from {peer}: {count} connections open, "
                           "the limit is {limit}",
-                          peer=addr, count=len(self.connections), limit=max_connections)
+                          peer=describe(addr), count=len(self.connections), limit=max_connections)
             return None
         protocol = MQServerProtocol(self.broker)
         protocol.factory = self
