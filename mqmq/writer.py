@@ -9,6 +9,10 @@ Twisted's own buffer is empty, and leaves any remainder, and every other
 case, to the transport as usual, so backpressure, errors and closing behave
 exactly as Twisted's.
 
+It also knows how far the bytes written have got: a message whose reply had
+not all reached the kernel when the connection broke was never handed over,
+and :meth:`ReplyWriter.undelivered` names it so the server can put it back.
+
 Measured with ``benchmarks/bench.py --workloads pipelined,fan --runs 3`` on
 the 2-core VM of the README: fan 48,800 → 71,300 messages/s, pipelined
 285,000 → 348,000 requests/s.
@@ -23,7 +27,7 @@ from typing import Any, Optional
 
 from twisted.internet import tcp
 
-_MOST_PARTS = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_MOST_PARTS = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in getattr(os, "sysconf_names", {}) else 1024
 
 #: Replies gathered in a batch before they go out: past this they are sent
 #: at once, so that a batch of large replies meets backpressure in time.
