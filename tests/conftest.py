@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Machines are shared and noisy: no per-example time limit, which would fail
+# a correct test on a slow moment.  Examples stay small, so runs stay short.
+settings.register_profile("mqmq", deadline=None, print_blob=True)
+settings.load_profile("mqmq")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
