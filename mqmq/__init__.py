@@ -1,5 +1,7 @@
 """mqmq: a small, fast message queue for Twisted, wire-compatible with the Go mqmq."""
 
+__version__ = "0.1.0"
+
 from mqmq.address import DEFAULT_ADDRESS
 from mqmq.broker import Broker
 from mqmq.client import MQClient, connect, connect_endpoint

@@ -65,7 +65,7 @@ def parse_duration(text: str) -> float:
     return sign * seconds
 
 
-class _AddressOptions(usage.Options):
+class _AddressOptions(tap.VersionOption, usage.Options):
     optParameters: list[list[Any]] = [
         ["addr", "a", DEFAULT_ADDRESS, "Server address HOST:PORT."],
     ]
@@ -120,9 +120,12 @@ class GetOptions(_AddressOptions):
             raise usage.UsageError(f"timeout {self['timeout']} is above one hour")
 
 
-class Options(usage.Options):
-    synopsis = "mqmq COMMAND [options]"
-    longdesc = "Long options may be written Go-style, with one dash: -addr HOST:PORT."
+class Options(tap.VersionOption, usage.Options):
+    synopsis = "mqmq"
+    longdesc = (
+        "Usage: mqmq COMMAND [options]; mqmq COMMAND --help for each. "
+        "Long options may be written Go-style, with one dash: -addr HOST:PORT."
+    )
     subCommands = [
         ["start", None, StartOptions, "Run a server."],
         ["info", None, InfoOptions, "Show a server's connections, queues and messages."],

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 from dataclasses import fields
 from typing import Any, Optional
 
 from twisted.python import usage
 
+from mqmq import __version__
 from mqmq.address import DEFAULT_ADDRESS, parse_address
 from mqmq.codec import max_frame_length
 from mqmq.limits import Limits, parse_size
@@ -47,7 +49,16 @@ _count.coerceDoc = ""  # type: ignore[attr-defined]
 _seconds.coerceDoc = ""  # type: ignore[attr-defined]
 
 
-class Options(usage.Options):
+class VersionOption:
+    """``--version`` says mqmq's version, not Twisted's."""
+
+    def opt_version(self) -> None:
+        """Display the mqmq version and exit."""
+        sys.stdout.write(f"mqmq {__version__}\n")
+        raise SystemExit(0)
+
+
+class Options(VersionOption, usage.Options):
     """Options of the mqmq server, for ``twistd mqmq`` and ``mqmq start``."""
 
     synopsis = "[options]"

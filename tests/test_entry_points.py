@@ -476,3 +476,15 @@ def test_start_listens_on_a_unix_socket_and_logs_its_path(
     assert server.returncode == 0
     assert f"INFO: starting server: unix:{path}" in stderr
     assert f"INFO: server stopped: unix:{path}" in stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["mqmq", "--version"], ["mqmq", "get", "--version"], ["twistd", "mqmq", "--version"]]
+)
+def test_version_is_mqmqs(command: list[str], subprocess_env: dict[str, str]) -> None:
+    import mqmq
+
+    done = subprocess.run([bin_path(command[0]), *command[1:]], env=subprocess_env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"mqmq {mqmq.__version__}\n"
