@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 
 from mqmq import errors
 from mqmq.address import DEFAULT_ADDRESS, parse_address
-from mqmq.codec import MAX_QUEUE_NAME_LENGTH, decode_payload, encode_frame
+from mqmq.codec import (
+    MAX_MESSAGE_LENGTH,
+    MAX_QUEUE_NAME_LENGTH,
+    decode_payload,
+    encode_frame,
+    max_frame_length,
+)
 from mqmq.commands import ERROR, GET, INFO, OK, PUT, QUIT, TIMEOUT, MAX_TIMEOUT_MS
 from mqmq.framing import FrameReceiver
 from mqmq.info import ServerInfo
@@ -71,7 +77,11 @@ class MQClient(FrameReceiver):
     Get one from :func:`connect`, or connect it yourself to any endpoint.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int = MAX_MESSAGE_LENGTH) -> None:
+        """:param max_message_bytes: the largest message a reply may carry; a
+            longer reply fails the connection.  Raise it for a server started
+            with a larger ``--max-message-bytes``."""
+        self.MAX_LENGTH = max_frame_length(max_message_bytes)
         self._pending: deque[_Request] = deque()
         self._disconnecting = False
 
@@ -171,14 +181,19 @@ class MQClient(FrameReceiver):
 
 
 def connect(
-    reactor: Any, address: str = DEFAULT_ADDRESS, timeout: float = 30
+    reactor: Any,
+    address: str = DEFAULT_ADDRESS,
+    timeout: float = 30,
+    max_message_bytes: int = MAX_MESSAGE_LENGTH,
 ) -> defer.Deferred[MQClient]:
     """Connect to the server at ``HOST:PORT``; fires with a connected client."""
     host, port = parse_address(address)
     endpoint = HostnameEndpoint(reactor, host or "127.0.0.1", port, timeout=timeout)
-    return connect_endpoint(endpoint)
+    return connect_endpoint(endpoint, max_message_bytes)
 
 
-def connect_endpoint(endpoint: IStreamClientEndpoint) -> defer.Deferred[MQClient]:
+def connect_endpoint(
+    endpoint: IStreamClientEndpoint, max_message_bytes: int = MAX_MESSAGE_LENGTH
+) -> defer.Deferred[MQClient]:
     """Connect over any Twisted client endpoint (TCP, TLS, UNIX socket …)."""
-    return connectProtocol(endpoint, MQClient())
+    return connectProtocol(endpoint, MQClient(max_message_bytes))

@@ -14,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mqmq.client import MQClient
+from mqmq.codec import encode_frame
 from mqmq.errors import (
     BadResponse,
     ConnectionClosed,
@@ -558,3 +559,23 @@ def test_memory_message_of_any_bytes() -> None:
     got = client.get("q", 1)
     server.flush()
     assert success(got) == message
+
+
+def test_a_reply_longer_than_the_client_accepts_fails_the_connection() -> None:
+    client = MQClient(max_message_bytes=16)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    get = client.get("q")
+    reply = encode_frame([b"OK", b"x" * 2000])
+    client.dataReceived(reply[:8])
+    failure(get, BadResponse)
+    assert transport.disconnecting
+
+
+def test_a_client_for_larger_messages_takes_them() -> None:
+    client = MQClient(max_message_bytes=64 * 1024 * 1024)
+    client.makeConnection(StringTransport())
+    get = client.get("q")
+    message = b"y" * (40 * 1024 * 1024)
+    client.dataReceived(encode_frame([b"OK", message]))
+    assert success(get) == message
