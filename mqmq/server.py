@@ -155,11 +155,15 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             return  # one check at a time, however often reading toggles
         self._liveness_check = self.broker.clock.callLater(LIVENESS_INTERVAL, self._check_liveness)
 
+    def _departed_unread(self) -> bool:
+        """True when we are not reading and the kernel says the peer has gone."""
+        return not self._reading and peer_has_gone(self.transport)
+
     def _check_liveness(self) -> None:
         self._liveness_check = None
         if self._reading or self._closing:
             return
-        if peer_has_gone(self.transport):
+        if self._departed_unread():
             self._abort("the peer went away while we were not reading")
         else:
             self._schedule_liveness_check()
@@ -245,7 +249,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def _delivered(self, message: bytes, queue: bytes) -> None:
         self._waiting = None
-        if self._closing or (not self._reading and peer_has_gone(self.transport)):
+        if self._closing or self._departed_unread():
             # The consumer is gone: the message goes to the next one instead.
             self.broker.put_back(queue, message)
             if not self._closing:
@@ -259,7 +263,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if failure.check(errors.GetTimeout):
             if self._closing:
                 return
-            if not self._reading and peer_has_gone(self.transport):
+            if self._departed_unread():
                 # The requests buffered behind this Get came from a peer that
                 # has left: answering them could hand its Gets messages that
                 # nobody will read.

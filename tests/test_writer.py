@@ -88,6 +88,12 @@ class Listener:
         assert isinstance(protocol, WriterProtocol)
         return protocol
 
+    async def accept_stalled(self) -> WriterProtocol:
+        """The next accepted server side, with a send buffer small enough to fill at once."""
+        server = await self.accept()
+        server.tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return server
+
     async def connect_collector(self) -> tuple[Collector, WriterProtocol]:
         collector = Collector()
         await connectProtocol(TCP4ClientEndpoint(reactor, *self.address), collector)
@@ -375,8 +381,7 @@ async def test_a_batch_is_sent_once_it_passes_flush_bytes_so_backpressure_comes_
 ) -> None:
     peer = listener.connect_raw()
     try:
-        server = await listener.accept()
-        server.tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server = await listener.accept_stalled()
         producer = RecordingProducer()
         server.tcp.registerProducer(producer, True)
         recording = record_sends(server)
@@ -413,8 +418,7 @@ async def test_a_full_socket_leaves_the_reply_to_twisted_which_pauses_the_produc
 ) -> None:
     peer = listener.connect_raw()
     try:
-        server = await listener.accept()
-        server.tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server = await listener.accept_stalled()
         producer = RecordingProducer()
         server.tcp.registerProducer(producer, True)
         through_transport = record_write_sequences(server, monkeypatch)
@@ -444,8 +448,7 @@ async def test_messages_whose_replies_did_not_reach_the_kernel_are_undelivered_i
 ) -> None:
     peer = listener.connect_raw()
     try:
-        server = await listener.accept()
-        server.tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server = await listener.accept_stalled()
         server.writer.write_message(b"q", b"first", frame(1), b"first")
         large = b"L" * (1024 * 1024)
         server.writer.write_message(b"q", large, frame(2), large)
