@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mqmq.codec import MAX_MESSAGE_LENGTH, max_frame_length
+from mqmq.codec import MAX_FRAME_LENGTH, MAX_MESSAGE_LENGTH, max_frame_length
+
+#: Largest ``Info`` JSON body that fits in the protocol's largest frame, after
+#: the reply's ``OK`` and the two value lengths.
+MAX_INFO_BYTES = MAX_FRAME_LENGTH - 4 - 2 - 4
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class Limits:
     #: Bytes of requests a connection may have buffered, unanswered (behind a
     #: waiting ``Get``), before the server stops reading from it.
     max_pending_bytes: int = 1024 * 1024
+    #: Largest ``Info`` reply body, in bytes; a larger one is refused with
+    #: ``SERVER_INFO_TOO_LARGE``.  At most :data:`MAX_INFO_BYTES`, the most a
+    #: frame can carry (the original's limit too).
+    max_info_bytes: int = MAX_INFO_BYTES
 
     @property
     def max_frame_bytes(self) -> int:

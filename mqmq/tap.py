@@ -13,7 +13,7 @@ from twisted.python import usage
 from mqmq import __version__
 from mqmq.address import DEFAULT_ADDRESS, parse_address
 from mqmq.codec import max_frame_length
-from mqmq.limits import Limits, parse_size
+from mqmq.limits import MAX_INFO_BYTES, Limits, parse_size
 from mqmq.service import MQService
 
 _DEFAULTS = Limits()
@@ -92,6 +92,9 @@ class Options(VersionOption, usage.Options):
         ["max-pending-bytes", None, _DEFAULTS.max_pending_bytes,
          "Bytes of requests buffered behind a waiting Get before the server stops "
          "reading from that connection.", _size],
+        ["max-info-bytes", None, _DEFAULTS.max_info_bytes,
+         "Largest Info reply; a larger one is refused with SERVER_INFO_TOO_LARGE "
+         "(the default is the most one frame can carry).", _size],
     ]
 
     def __init__(self) -> None:
@@ -114,6 +117,8 @@ class Options(VersionOption, usage.Options):
             self["address"] = address
             endpoints.insert(0, address.server_endpoint())
         self["endpoints"] = endpoints
+        if self["max-info-bytes"] > MAX_INFO_BYTES:
+            raise usage.UsageError(f"--max-info-bytes may be {MAX_INFO_BYTES} at most")
         if self["max-message-bytes"] > _LARGEST_MESSAGE:
             raise usage.UsageError(f"--max-message-bytes may be {_LARGEST_MESSAGE} at most")
         self["limits"] = Limits(**{
