@@ -58,3 +58,11 @@ class ConnectionClosed(MQError):
 
 class InvalidArgument(MQError, ValueError):
     """The client refused to send a request the server would reject."""
+
+
+class ReplyTimeout(MQError):
+    """The server sent no reply within the client's reply timeout.
+
+    Every request in flight on that connection fails with it, and the
+    connection is closed: the server is taken to have hung.
+    """
