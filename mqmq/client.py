@@ -3,17 +3,23 @@
 Every request returns a Deferred.  Requests may be pipelined: each one in
 flight waits in a queue, and replies, which the server sends in request
 order, are matched to them in that order.
+
+A server that stops answering does not leave requests pending forever: as
+memcache's ``persistentTimeOut``, a reply timeout fails every request in
+flight and closes the connection when, with requests in flight, no reply
+arrives in time.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union, cast
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.protocol import connectionDone
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from mqmq import errors
@@ -30,6 +36,10 @@ from mqmq.framing import FrameReceiver
 from mqmq.info import ServerInfo
 
 QueueName = Union[str, bytes]
+
+#: Seconds a client waits for a reply, beyond what a waiting ``Get`` may
+#: take, before it gives up on the server (as memcache's 60).
+DEFAULT_REPLY_TIMEOUT = 60.0
 
 
 def _reply_ok(values: list[bytes]) -> None:
@@ -53,13 +63,15 @@ def _reply_info(values: list[bytes]) -> ServerInfo:
 
 
 class _Request:
-    """A request in flight: its Deferred and how to read its reply."""
+    """A request in flight: its Deferred, how to read its reply, and how long
+    the server may rightly hold it (a ``Get``'s wait) before answering."""
 
-    __slots__ = ("deferred", "read_reply")
+    __slots__ = ("deferred", "read_reply", "wait")
 
-    def __init__(self, read_reply: Callable[[list[bytes]], Any]) -> None:
+    def __init__(self, read_reply: Callable[[list[bytes]], Any], wait: float) -> None:
         self.deferred: defer.Deferred[Any] = defer.Deferred()
         self.read_reply = read_reply
+        self.wait = wait
 
 
 def _queue_name(queue: QueueName) -> bytes:
@@ -77,21 +89,92 @@ class MQClient(FrameReceiver):
     Get one from :func:`connect`, or connect it yourself to any endpoint.
     """
 
-    def __init__(self, max_message_bytes: int = MAX_MESSAGE_LENGTH) -> None:
+    _reply_timer: Optional[IDelayedCall] = None
+
+    def __init__(
+        self,
+        max_message_bytes: int = MAX_MESSAGE_LENGTH,
+        *,
+        reply_timeout: Optional[float] = DEFAULT_REPLY_TIMEOUT,
+        clock: Optional[IReactorTime] = None,
+    ) -> None:
         """:param max_message_bytes: the largest message a reply may carry; a
             longer reply fails the connection.  Raise it for a server started
-            with a larger ``--max-message-bytes``."""
+            with a larger ``--max-message-bytes``.
+        :param reply_timeout: seconds to wait, while requests are in flight,
+            for the next reply (or the next bytes of it) beyond what a waiting
+            ``get``'s own timeout allows; then every request in flight fails
+            with :class:`~mqmq.errors.ReplyTimeout` and the connection is
+            closed.  ``None``: wait forever.
+        :param clock: the time source for the reply timeout; the global
+            reactor if not given.
+        """
+        if reply_timeout is not None and not 0 < reply_timeout < math.inf:
+            raise ValueError(f"reply_timeout must be a positive number of seconds or None, "
+                             f"not {reply_timeout!r}")
         self.MAX_LENGTH = max_frame_length(max_message_bytes)
+        self._reply_timeout = reply_timeout
+        #: Times the reply timeout; the global reactor once needed, if not given.
+        self.clock = clock
         self._pending: deque[_Request] = deque()
         self._disconnecting = False
 
-    def _send(self, values: list[bytes], read_reply: Callable[[list[bytes]], Any]) -> defer.Deferred[Any]:
+    @property
+    def reply_timeout(self) -> Optional[float]:
+        """Seconds allowed for a reply beyond a ``get``'s own wait; ``None``: no limit."""
+        return self._reply_timeout
+
+    def _send(
+        self, values: list[bytes], read_reply: Callable[[list[bytes]], Any], wait: float = 0.0
+    ) -> defer.Deferred[Any]:
         if self._closed or self._disconnecting:
             return defer.fail(errors.ConnectionClosed("the connection is closed"))
-        request = _Request(read_reply)
+        request = _Request(read_reply, wait)
+        idle = not self._pending
         self._pending.append(request)
         self.transport.write(encode_frame(values))
+        if idle:
+            self._restart_reply_timer()
         return request.deferred
+
+    def _restart_reply_timer(self) -> None:
+        """Give the request at the head of the line its time to be answered,
+        or stop the timer when none is in flight."""
+        if not self._pending or self._reply_timeout is None:
+            if self._reply_timer is not None:
+                self._reply_timer.cancel()
+                self._reply_timer = None
+            return
+        allowed = self._reply_timeout
+        if not self.buffered_bytes:
+            # Its reply has not begun: a Get at the head may still be
+            # waiting, rightly, for a message.  Those behind it wait their
+            # turn, and get their own time when they reach the head.
+            allowed += self._pending[0].wait
+        if self._reply_timer is None:
+            if self.clock is None:
+                from twisted.internet import reactor
+
+                self.clock = cast(IReactorTime, reactor)
+            self._reply_timer = self.clock.callLater(allowed, self._reply_timed_out)
+        else:
+            self._reply_timer.reset(allowed)
+
+    def _reply_timed_out(self) -> None:
+        self._reply_timer = None
+        # Closing from here on, so that a request made from the errbacks
+        # fails at once.
+        self._disconnecting = True
+        pending, self._pending = self._pending, deque()
+        error = errors.ReplyTimeout(
+            f"no reply from the server within {self._reply_timeout:g} s "
+            f"(beyond any Get's own wait); the connection is closed"
+        )
+        for request in pending:
+            request.deferred.errback(error)
+        # Abort: a server that does not answer may not read either, and a
+        # graceful close would wait for our unsent bytes forever.
+        self.transport.abortConnection()
 
     def put(self, queue: QueueName, message: bytes) -> defer.Deferred[None]:
         """Add a message to the back of a queue."""
@@ -118,7 +201,9 @@ class MQClient(FrameReceiver):
         # Truncate whole nanoseconds, as Go's Duration does, so that float
         # error cannot drop a millisecond (1.005 s is 1005 ms, not 1004).
         milliseconds = round(max(timeout, 0) * 1_000_000_000) // 1_000_000
-        return self._send([GET, name, b"%d" % milliseconds], _reply_message)
+        # The server waits 1 ms for a timeout of 0.
+        wait = max(milliseconds, 1) / 1000
+        return self._send([GET, name, b"%d" % milliseconds], _reply_message, wait)
 
     def info(self) -> defer.Deferred[ServerInfo]:
         """Connections, queues and messages on the server."""
@@ -135,6 +220,12 @@ class MQClient(FrameReceiver):
             if not self._pending:
                 self.transport.loseConnection()
         return self.when_closed()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # Any bytes from the server show it is alive: the head of the line
+        # (a new one, or one whose long reply is arriving) gets its full time.
+        self._restart_reply_timer()
 
     def stringReceived(self, payload: bytes) -> None:
         if not self._pending:
@@ -173,6 +264,7 @@ class MQClient(FrameReceiver):
         # their errbacks fails at once instead of waiting forever.
         self._closed = True
         pending, self._pending = self._pending, deque()
+        self._restart_reply_timer()
         for request in pending:
             request.deferred.errback(
                 errors.ConnectionClosed(f"connection closed before the reply: {reason.getErrorMessage()}")
@@ -185,15 +277,30 @@ def connect(
     address: str = DEFAULT_ADDRESS,
     timeout: float = 30,
     max_message_bytes: int = MAX_MESSAGE_LENGTH,
+    *,
+    reply_timeout: Optional[float] = DEFAULT_REPLY_TIMEOUT,
 ) -> defer.Deferred[MQClient]:
-    """Connect to the server at ``HOST:PORT``; fires with a connected client."""
+    """Connect to the server at ``HOST:PORT``; fires with a connected client.
+
+    ``timeout`` bounds the connection attempt; ``reply_timeout`` (see
+    :class:`MQClient`) each wait for a reply, timed by ``reactor``.
+    """
     host, port = parse_address(address)
     endpoint = HostnameEndpoint(reactor, host or "127.0.0.1", port, timeout=timeout)
-    return connect_endpoint(endpoint, max_message_bytes)
+    return connect_endpoint(endpoint, max_message_bytes, reply_timeout=reply_timeout, clock=reactor)
 
 
 def connect_endpoint(
-    endpoint: IStreamClientEndpoint, max_message_bytes: int = MAX_MESSAGE_LENGTH
+    endpoint: IStreamClientEndpoint,
+    max_message_bytes: int = MAX_MESSAGE_LENGTH,
+    *,
+    reply_timeout: Optional[float] = DEFAULT_REPLY_TIMEOUT,
+    clock: Optional[IReactorTime] = None,
 ) -> defer.Deferred[MQClient]:
-    """Connect over any Twisted client endpoint (TCP, TLS, UNIX socket …)."""
-    return connectProtocol(endpoint, MQClient(max_message_bytes))
+    """Connect over any Twisted client endpoint (TCP, TLS, UNIX socket …).
+
+    ``clock`` times the reply timeout (see :class:`MQClient`): pass your
+    reactor, or a ``task.Clock`` in tests; the global reactor if not given.
+    """
+    client = MQClient(max_message_bytes, reply_timeout=reply_timeout, clock=clock)
+    return connectProtocol(endpoint, client)

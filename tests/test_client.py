@@ -10,10 +10,11 @@ from typing import Any, TypeVar
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from mqmq.client import MQClient
+from mqmq.client import DEFAULT_REPLY_TIMEOUT, MQClient, connect, connect_endpoint
 from mqmq.codec import encode_frame
 from mqmq.errors import (
     BadResponse,
@@ -21,6 +22,7 @@ from mqmq.errors import (
     GetTimeout,
     InvalidArgument,
     MQError,
+    ReplyTimeout,
     ServerError,
 )
 from mqmq.info import ServerInfo
@@ -41,10 +43,19 @@ def frame(*values: bytes) -> bytes:
 
 
 def connected() -> tuple[MQClient, StringTransport]:
-    client = MQClient()
+    client = MQClient(clock=Clock())
     transport = StringTransport()
     client.makeConnection(transport)
     return client, transport
+
+
+def timed(reply_timeout: float | None = 10) -> tuple[MQClient, StringTransport, Clock]:
+    """A connected client whose reply timeout runs on a clock of the test's."""
+    clock = Clock()
+    client = MQClient(reply_timeout=reply_timeout, clock=clock)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    return client, transport, clock
 
 
 def send(client: MQClient, request_kind: str) -> Deferred[Any]:
@@ -579,3 +590,205 @@ def test_a_client_for_larger_messages_takes_them() -> None:
     message = b"y" * (40 * 1024 * 1024)
     client.dataReceived(encode_frame([b"OK", message]))
     assert success(get) == message
+
+
+# -- reply timeout -------------------------------------------------------------
+
+
+def test_no_reply_within_the_reply_timeout_fails_every_request_and_closes() -> None:
+    client, transport, clock = timed(10)
+    pending: list[Deferred[Any]] = [client.put("q", b"m"), client.info(), client.get("q", 0)]
+    clock.advance(9.999)
+    assert not any(request.called for request in pending)
+    assert not transport.disconnecting
+    clock.advance(0.001)
+    for request in pending:
+        error = failure(request, ReplyTimeout)
+        assert isinstance(error, MQError)
+        assert "10 s" in str(error)
+    assert transport.disconnected  # aborted: a hung server may not read our bytes
+    assert clock.getDelayedCalls() == []
+
+
+def test_after_a_reply_timeout_requests_fail_at_once() -> None:
+    client, transport, clock = timed(10)
+    later: list[Deferred[Any]] = []
+    client.put("q", b"m").addErrback(lambda _: later.append(client.put("q", b"again")))
+    clock.advance(10)
+    written = transport.value()
+    failure(later[0], ConnectionClosed)
+    failure(client.info(), ConnectionClosed)
+    assert transport.value() == written
+    lose(client)
+    assert clock.getDelayedCalls() == []
+
+
+def test_each_reply_gives_the_next_request_its_full_time() -> None:
+    client, _, clock = timed(10)
+    first, second = client.put("q", b"1"), client.put("q", b"2")
+    clock.advance(9)
+    client.dataReceived(frame(b"OK"))
+    assert success(first) is None
+    clock.advance(9.999)
+    assert not second.called
+    clock.advance(0.001)
+    failure(second, ReplyTimeout)
+
+
+def test_part_of_a_long_reply_restarts_the_timeout() -> None:
+    client, _, clock = timed(10)
+    asked = client.info()
+    reply = frame(b"OK", b'{"NumConnections":1,"NumQueues":0,"NumMessages":0,"Queues":{}}')
+    for start in range(0, len(reply) - 1, 8):
+        clock.advance(9)
+        client.dataReceived(reply[start : min(start + 8, len(reply) - 1)])
+    clock.advance(9.999)
+    assert not asked.called
+    client.dataReceived(reply[-1:])
+    assert success(asked).num_connections == 1
+
+
+def test_a_get_whose_reply_has_begun_waits_no_more() -> None:
+    client, _, clock = timed(10)
+    got = client.get("q", 60)
+    clock.advance(5)
+    client.dataReceived(frame(b"OK", b"message")[:6])
+    clock.advance(9.999)
+    assert not got.called
+    clock.advance(0.001)
+    failure(got, ReplyTimeout)
+
+
+def test_no_timer_while_nothing_is_in_flight() -> None:
+    client, transport, clock = timed(10)
+    assert clock.getDelayedCalls() == []
+    done = client.put("q", b"m")
+    assert len(clock.getDelayedCalls()) == 1
+    client.dataReceived(frame(b"OK"))
+    assert success(done) is None
+    assert clock.getDelayedCalls() == []
+    clock.advance(1000)
+    assert not transport.disconnecting
+    later = client.put("q", b"m")
+    clock.advance(10)
+    failure(later, ReplyTimeout)
+
+
+def test_a_waiting_get_extends_the_reply_timeout_by_its_own() -> None:
+    client, transport, clock = timed(10)
+    got = client.get("q", 60)
+    clock.advance(69.999)
+    assert not got.called
+    assert not transport.disconnecting
+    client.dataReceived(frame(b"Timeout"))
+    failure(got, GetTimeout)
+
+    cut = client.get("q", 60)
+    clock.advance(70)
+    failure(cut, ReplyTimeout)
+
+
+def test_a_get_behind_others_has_its_wait_counted_once_it_is_at_the_head() -> None:
+    client, _, clock = timed(10)
+    put = client.put("q", b"m")
+    got = client.get("other", 60)
+    behind = client.put("q", b"m")
+    # The Put at the head has the reply timeout alone.
+    clock.advance(9)
+    client.dataReceived(frame(b"OK"))
+    assert success(put) is None
+    # Now the Get is at the head: 60 s of waiting, then 10 s for its reply.
+    clock.advance(69.999)
+    assert not got.called
+    client.dataReceived(frame(b"Timeout"))
+    failure(got, GetTimeout)
+    clock.advance(10)
+    failure(behind, ReplyTimeout)
+
+
+def test_a_get_with_no_timeout_has_the_servers_millisecond() -> None:
+    client, _, clock = timed(10)
+    got = client.get("q", 0)
+    clock.advance(10.0009)
+    assert not got.called
+    clock.advance(0.0001)
+    failure(got, ReplyTimeout)
+
+
+def test_connection_lost_stops_the_reply_timer() -> None:
+    client, _, clock = timed(10)
+    pending = client.get("q", 5)
+    lose(client)
+    failure(pending, ConnectionClosed)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_failed_connection_stops_the_reply_timer() -> None:
+    client, transport, clock = timed(10)
+    got = client.get("q", 1)
+    client.dataReceived(pack(">I", 0xFFFFFFFF))
+    failure(got, BadResponse)
+    assert clock.getDelayedCalls() == []
+
+
+def test_disconnect_with_requests_in_flight_keeps_the_reply_timeout() -> None:
+    client, transport, clock = timed(10)
+    pending = client.put("q", b"m")
+    disconnected = client.disconnect()
+    clock.advance(10)
+    failure(pending, ReplyTimeout)
+    assert transport.disconnected
+    lose(client)
+    assert success(disconnected) is None
+
+
+def test_reply_timeout_none_waits_forever() -> None:
+    client, _, clock = timed(None)
+    pending = client.put("q", b"m")
+    assert clock.getDelayedCalls() == []
+    clock.advance(10**9)
+    assert not pending.called
+    client.dataReceived(frame(b"OK"))
+    assert success(pending) is None
+
+
+def test_the_default_reply_timeout() -> None:
+    client, _ = connected()
+    assert client.reply_timeout == DEFAULT_REPLY_TIMEOUT == 60
+    assert client.clock is not None
+    pending = client.info()
+    client.clock.advance(59.999)  # type: ignore[attr-defined]
+    assert not pending.called
+    client.clock.advance(0.001)  # type: ignore[attr-defined]
+    failure(pending, ReplyTimeout)
+
+
+@pytest.mark.parametrize("reply_timeout", [0, -1, math.nan, math.inf])
+def test_a_reply_timeout_that_is_not_a_positive_number_is_refused(reply_timeout: float) -> None:
+    with pytest.raises(ValueError):
+        MQClient(reply_timeout=reply_timeout)
+
+
+def test_connect_times_replies_with_its_reactor() -> None:
+    reactor = MemoryReactorClock()
+    connecting = connect(reactor, "127.0.0.1:47774", reply_timeout=5)
+    host, port, factory, _, _ = reactor.tcpClients[0]
+    assert (host, port) == ("127.0.0.1", 47774)
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    client = success(connecting)
+    assert client.clock is reactor
+    pending = client.put("q", b"m")
+    reactor.advance(5)
+    failure(pending, ReplyTimeout)
+
+
+def test_connect_endpoint_takes_a_reply_timeout_and_a_clock() -> None:
+    server = MemoryServer()
+    connecting = connect_endpoint(server.endpoint(), reply_timeout=3, clock=server.clock)
+    client = success(connecting)
+    assert client.clock is server.clock
+    assert client.reply_timeout == 3
+    pending = client.info()
+    server.clock.advance(3)  # the server never got the request: nothing was flushed
+    failure(pending, ReplyTimeout)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
 
-from mqmq.client import MQClient
-from mqmq.errors import ConnectionClosed, GetTimeout
+from mqmq.client import MQClient, connect_endpoint
+from mqmq.errors import ConnectionClosed, GetTimeout, ReplyTimeout, ServerError
 from mqmq.info import ServerInfo
+from mqmq.limits import Limits
 from mqmq.testing import MemoryServer
 from support import failure, success
 
@@ -206,3 +210,149 @@ def test_works_with_inline_callbacks_code() -> None:
     got = feeder.get("out", 1)
     server.flush()
     assert success(got) == b"HELLO"
+
+
+# -- advance ---------------------------------------------------------------------
+
+
+def test_advance_delivers_requests_before_time_passes() -> None:
+    """The README's example: no flush between the request and advance()."""
+    server = MemoryServer()
+    client = server.client()
+    result = client.get("empty", timeout=5)
+    server.advance(5)
+    failure(result, GetTimeout)
+
+
+def test_advance_delivers_what_time_made_happen() -> None:
+    server = MemoryServer()
+    consumer = server.client()
+    got = consumer.get("q", 2)
+    behind = consumer.put("q", b"after the timeout")
+    server.advance(2)
+    failure(got, GetTimeout)
+    assert success(behind) is None
+
+
+# -- the client's reply timeout in memory ------------------------------------------
+
+
+def test_clients_time_their_replies_with_the_servers_clock() -> None:
+    server = MemoryServer()
+    client = server.client()
+    assert client.clock is server.clock
+    stuck = client.put("q", b"never delivered")
+    server.clock.advance(60)  # no flush: the server never hears of it
+    failure(stuck, ReplyTimeout)
+
+
+def test_a_long_get_is_not_cut_by_the_reply_timeout() -> None:
+    server = MemoryServer()
+    consumer, producer = server.client(reply_timeout=1), server.client()
+    got = consumer.get("q", 600)
+    server.advance(599)
+    producer.put("q", b"late but in time")
+    server.flush()
+    assert success(got) == b"late but in time"
+
+
+# -- limits ------------------------------------------------------------------------
+
+
+def test_limits_apply_to_the_memory_server() -> None:
+    server = MemoryServer(limits=Limits(max_queues=1, max_message_bytes=4))
+    assert server.broker.limits.max_queues == 1
+    client = server.client()
+    first = client.put("a", b"kept")
+    too_large = client.put("a", b"too large")
+    second_queue = client.put("b", b"m")
+    server.flush()
+    assert success(first) is None
+    assert failure(too_large, ServerError).error_type == "REQUEST_MESSAGE_TOO_LARGE"
+    assert failure(second_queue, ServerError).error_type == "SERVER_TOO_MANY_QUEUES"
+    assert server.broker.num_messages == 1
+
+
+def test_a_connection_over_max_connections_is_closed() -> None:
+    server = MemoryServer(limits=Limits(max_connections=1))
+    first, second = server.client(), server.client()
+    refused = second.put("q", b"m")
+    accepted = first.put("q", b"m")
+    server.flush()
+    failure(refused, ConnectionClosed)
+    assert success(second.when_closed()) is None
+    assert success(accepted) is None
+    assert server.broker.num_connections == 1
+
+
+# -- the endpoint ----------------------------------------------------------------
+
+
+def test_the_endpoint_is_a_client_endpoint() -> None:
+    assert verifyObject(IStreamClientEndpoint, MemoryServer().endpoint())
+
+
+def test_connect_endpoint_through_memory() -> None:
+    server = MemoryServer()
+    connecting = connect_endpoint(server.endpoint(), clock=server.clock)
+    client = success(connecting)
+    assert server.broker.num_connections == 1
+    done = client.put("jobs", b"one")
+    got = client.get("jobs", 1)
+    server.flush()
+    assert success(done) is None
+    assert success(got) == b"one"
+
+
+def test_production_code_connecting_through_an_endpoint() -> None:
+    """Code given an endpoint and a clock, as it would be given in production."""
+
+    @inlineCallbacks
+    def forward(endpoint: IStreamClientEndpoint, clock: IReactorTime) -> Any:
+        client = yield connect_endpoint(endpoint, clock=clock)
+        try:
+            message = yield client.get("in", timeout=30)
+        except GetTimeout:
+            message = b"nothing"
+        yield client.put("out", message)
+        yield client.disconnect()
+
+    server = MemoryServer()
+    nothing = forward(server.endpoint(), server.clock)
+    server.advance(30)
+    assert success(nothing) is None
+
+    feeder = server.client()
+    relayed = forward(server.endpoint(), server.clock)
+    feeder.put("in", b"something")
+    server.flush()
+    assert success(relayed) is None
+    got = [feeder.get("out", 1), feeder.get("out", 1)]
+    server.flush()
+    assert [success(message) for message in got] == [b"nothing", b"something"]
+    assert server.broker.num_connections == 1
+
+
+def test_the_endpoint_connects_any_protocol() -> None:
+    received: list[bytes] = []
+
+    class Raw(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+    server = MemoryServer()
+    connecting: Deferred[Any] = server.endpoint().connect(Factory.forProtocol(Raw))
+    raw = success(connecting)
+    assert isinstance(raw, Raw)
+    raw.transport.write(b"\x00\x00\x00\x08\x00\x00\x00\x04Info")  # type: ignore[union-attr]
+    server.flush()
+    assert b"NumConnections" in b"".join(received)
+
+
+def test_the_endpoint_obeys_max_connections() -> None:
+    server = MemoryServer(limits=Limits(max_connections=1))
+    server.client()
+    client = success(connect_endpoint(server.endpoint(), clock=server.clock))
+    server.flush()
+    assert success(client.when_closed()) is None
+    assert server.broker.num_connections == 1
