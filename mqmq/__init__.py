@@ -11,6 +11,7 @@ from mqmq.errors import (
     GetTimeout,
     InvalidArgument,
     MQError,
+    ReplyTimeout,
     ServerError,
 )
 from mqmq.info import ServerInfo
@@ -29,6 +30,7 @@ __all__ = [
     "MQServerFactory",
     "MQServerProtocol",
     "MQService",
+    "ReplyTimeout",
     "ServerError",
     "ServerInfo",
     "connect",
