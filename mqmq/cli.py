@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
 import time
-from typing import Any, NoReturn, Optional, Sequence, TextIO
+from types import FrameType
+from typing import Any, Callable, NoReturn, Optional, Sequence, TextIO
 
 from twisted.internet import defer, task
 from twisted.logger import (
@@ -22,8 +24,9 @@ from twisted.python import usage
 from zope.interface import provider
 
 from mqmq import errors, tap
-from mqmq.address import DEFAULT_ADDRESS, describe, parse_address
+from mqmq.address import DEFAULT_ADDRESS, parse_address
 from mqmq.client import MQClient, connect
+from mqmq.codec import MAX_MESSAGE_LENGTH, MAX_QUEUE_NAME_LENGTH
 
 #: Exit status of ``mqmq get`` when no message arrived before the timeout.
 EXIT_TIMEOUT = 3
@@ -31,11 +34,13 @@ EXIT_TIMEOUT = 3
 EXIT_FAILURE = 1
 #: Exit status for bad arguments.
 EXIT_USAGE = 2
+#: Exit status after Ctrl-C (SIGINT), as the shell reports a command it ended.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 log = Logger(namespace="mqmq")
 
 # Go's signal names, as the original logs them.
-_SIGNAL_NAMES = {signal.SIGINT: "interrupt", signal.SIGTERM: "terminated"}
+_SIGNAL_NAMES = {signal.SIGINT: "interrupt", signal.SIGTERM: "terminated", signal.SIGHUP: "hangup"}
 
 _DURATION_UNITS = {
     "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
@@ -71,15 +76,38 @@ class _AddressOptions(tap.VersionOption, usage.Options):
     ]
 
     def postOptions(self) -> None:
+        if not self["addr"]:
+            raise usage.UsageError("--addr is empty (want HOST:PORT)")
         try:
             parse_address(self["addr"])
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
 
 
+def _queue_name(text: str) -> bytes:
+    # The bytes the shell passed, even where they are not UTF-8 (os.fsencode
+    # undoes the surrogate escapes Python decoded them with).
+    name = os.fsencode(text)
+    if len(name) > MAX_QUEUE_NAME_LENGTH:
+        raise usage.UsageError(
+            f"queue name of {len(name)} bytes, longest is {MAX_QUEUE_NAME_LENGTH}"
+        )
+    return name
+
+
+_MAX_MESSAGE_OPTION = [
+    "max-message-bytes", None, MAX_MESSAGE_LENGTH,
+    "Largest message to send or take, for servers that allow more than the "
+    "protocol's 32 MiB.", tap.message_size_option,
+]
+
+
 class StartOptions(tap.Options):
     synopsis = "[options]"
-    longdesc = "Runs the server until SIGINT or SIGTERM."
+    longdesc = (
+        "Runs the server until SIGINT or SIGTERM; SIGHUP is logged and the "
+        "server serves on."
+    )
 
 
 class InfoOptions(_AddressOptions):
@@ -88,16 +116,26 @@ class InfoOptions(_AddressOptions):
 
 
 class PutOptions(_AddressOptions):
-    synopsis = "[--addr HOST:PORT] QUEUE [MESSAGE]"
+    synopsis = "[--addr HOST:PORT] [--max-message-bytes SIZE] QUEUE [MESSAGE]"
     longdesc = "Puts MESSAGE (standard input when MESSAGE is - or missing) on QUEUE."
+    optParameters: list[list[Any]] = [_MAX_MESSAGE_OPTION]
 
     def parseArgs(self, queue: str, message: Optional[str] = None) -> None:  # type: ignore[override]
-        self["queue"] = queue
-        self["message"] = message
+        self["queue"] = _queue_name(queue)
+        self["message"] = None if message in (None, "-") else os.fsencode(message)
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        message = self["message"]
+        if message is not None and len(message) > self["max-message-bytes"]:
+            raise usage.UsageError(
+                f"message too large: {len(message)} bytes, "
+                f"--max-message-bytes is {self['max-message-bytes']}"
+            )
 
 
 class GetOptions(_AddressOptions):
-    synopsis = "[--addr HOST:PORT] [--timeout DURATION] QUEUE"
+    synopsis = "[--addr HOST:PORT] [--timeout DURATION] [--max-message-bytes SIZE] QUEUE"
     longdesc = (
         "Takes the oldest message of QUEUE and writes its bytes to standard "
         "output, waiting up to DURATION for one. Exits with status "
@@ -105,10 +143,11 @@ class GetOptions(_AddressOptions):
     )
     optParameters: list[list[Any]] = [
         ["timeout", "t", "0s", "How long to wait for a message: a Go duration such as 500ms, 5s, 1m."],
+        _MAX_MESSAGE_OPTION,
     ]
 
     def parseArgs(self, queue: str) -> None:  # type: ignore[override]
-        self["queue"] = queue
+        self["queue"] = _queue_name(queue)
 
     def postOptions(self) -> None:
         super().postOptions()
@@ -172,64 +211,112 @@ def _start(options: StartOptions) -> NoReturn:
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(_go_log_line, [levels])], redirectStandardIO=False
     )
-    server = tap.makeService(options, reactor)
+    server = tap.make_server(options, reactor)
 
     def stop(signal_name: str) -> None:
         log.info("received signal: {signal}", signal=signal_name)
         stopping = defer.maybeDeferred(server.stopService)
         stopping.addBoth(lambda _: reactor.stop())
 
-    def on_signal(number: int, _frame: Any) -> None:
+    def on_signal(number: int, _frame: Optional[FrameType]) -> None:
         name = _SIGNAL_NAMES.get(signal.Signals(number), signal.Signals(number).name)
         reactor.callFromThread(stop, name)
+
+    def on_hangup(_number: int, _frame: Optional[FrameType]) -> None:
+        # Logging goes to standard error: there is no log file to reopen.
+        reactor.callFromThread(log.info, "received signal: {signal}", signal="hangup")
 
     # Before listening: a signal sent as soon as the port accepts must still
     # stop the server in order, not kill it with the default action.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         server.privilegedStartService()
         server.startService()
     except Exception as error:  # a taken port, a bad endpoint: say so and leave
         log.error("cannot start server: {error}", error=error)
         raise SystemExit(EXIT_FAILURE)
-    addresses = ", ".join(describe(port.getHost()) for port in server.ports)
+    addresses = tap.addresses(server)
     log.info("starting server: {address}", address=addresses)
     reactor.run(installSignalHandlers=False)
     log.info("server stopped: {address}", address=addresses)
     raise SystemExit(0)
 
 
-async def _client_command(reactor: Any, options: usage.Options) -> None:
+def _write_output(write: Callable[[], object]) -> None:
+    """Write to standard output and flush; a failure is one ``mqmq:`` line."""
+    try:
+        write()
+        sys.stdout.flush()
+    except OSError as error:
+        # What could not go out stays in Python's buffers; at exit Python
+        # would try again and print "Exception ignored".  Send it nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        _fail(f"cannot write to standard output: {error.strerror or error}")
+
+
+def _read_message(limit: int) -> bytes:
+    """Standard input, up to ``limit`` bytes; more is refused before it is read."""
+    try:
+        message = sys.stdin.buffer.read(limit + 1)
+    except OSError as error:
+        _fail(f"cannot read standard input: {error.strerror or error}")
+    if len(message) > limit:
+        _fail(f"message too large: more than {limit} bytes (--max-message-bytes)")
+    return message
+
+
+def _server_error(error: errors.MQError, command: Optional[str], message_size: int) -> str:
+    if isinstance(error, errors.ServerError) and error.error_type == errors.MESSAGE_TOO_LARGE:
+        return f"message too large: the server refused {message_size} bytes ({error.error_type})"
+    if isinstance(error, errors.ConnectionClosed) and command == "put" and message_size > MAX_MESSAGE_LENGTH:
+        # Frames past the protocol's largest close the connection, unanswered.
+        return (f"message too large: the server closed the connection on {message_size} bytes "
+                f"(the protocol's limit is {MAX_MESSAGE_LENGTH})")
+    return str(error)
+
+
+async def _client_command(reactor: Any, options: usage.Options, message: Optional[bytes]) -> None:
     command = options.subCommand
     sub = options.subOptions
     try:
-        client: MQClient = await connect(reactor, sub["addr"])
+        client: MQClient = await connect(
+            reactor, sub["addr"], max_message_bytes=sub.get("max-message-bytes", MAX_MESSAGE_LENGTH)
+        )
     except Exception as error:
         _fail(f"cannot connect to {sub['addr']}: {error}")
     try:
         if command == "info":
-            sys.stdout.write((await client.info()).format_text())
+            text = (await client.info()).format_text()
+            _write_output(lambda: sys.stdout.write(text))
         elif command == "put":
-            message = sub["message"]
-            body = sys.stdin.buffer.read() if message in (None, "-") else message.encode("utf-8")
-            await client.put(sub["queue"], body)
+            assert message is not None
+            await client.put(sub["queue"], message)
         elif command == "get":
             try:
                 message_bytes = await client.get(sub["queue"], sub["seconds"])
             except errors.GetTimeout:
                 await client.disconnect()
                 raise SystemExit(EXIT_TIMEOUT)
-            sys.stdout.buffer.write(message_bytes)
-            sys.stdout.flush()
+            _write_output(lambda: sys.stdout.buffer.write(message_bytes))
         await client.disconnect()
     except errors.MQError as error:
-        _fail(str(error))
+        _fail(_server_error(error, command, len(message or b"")))
 
 
 def _fail(message: str, status: int = EXIT_FAILURE) -> NoReturn:
     sys.stderr.write(f"mqmq: {message}\n")
     raise SystemExit(status)
+
+
+def _interrupted(_number: int, _frame: Optional[FrameType]) -> NoReturn:
+    # Ctrl-C ends a client command at once and quietly, as it does a shell
+    # tool, wherever it is: reading standard input, connecting, waiting.
+    # Nothing is half written: output goes out only once a reply is whole.
+    os._exit(EXIT_INTERRUPTED)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
@@ -241,5 +328,15 @@ def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
         _fail(f"{error} (see mqmq --help)", EXIT_USAGE)
     if options.subCommand == "start":
         _start(options.subOptions)
-    task.react(lambda reactor: defer.ensureDeferred(_client_command(reactor, options)))
+    # Left alone when ignored, as in a background job of a script.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
+    message: Optional[bytes] = None
+    if options.subCommand == "put":
+        # Read before the reactor runs: a blocking read inside it would hold
+        # up everything, Ctrl-C included.
+        message = options.subOptions["message"]
+        if message is None:
+            message = _read_message(options.subOptions["max-message-bytes"])
+    task.react(lambda reactor: defer.ensureDeferred(_client_command(reactor, options, message)))
     raise AssertionError("react() returned")  # pragma: no cover

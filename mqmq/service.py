@@ -5,48 +5,41 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mqmq.broker import Broker
 from mqmq.limits import Limits
 from mqmq.server import MQServerFactory
 
 
-class _Listener(service.Service):
-    """Listens on one endpoint while running; remembers the port it got."""
+class _Listener(StreamServerEndpointService):
+    """Twisted's endpoint service, remembering the port it got.
 
-    log = Logger()
+    A listen that fails at once (a port already taken) is raised from
+    ``privilegedStartService``, as ``twistd``'s own strports services do,
+    so that the start fails with the reason instead of serving nowhere.
+    """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: MQServerFactory) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.port: Optional[IListeningPort] = None
+    _raiseSynchronously = True
+    #: The port listening now; ``None`` before it listens and once stopped.
+    port: Optional[IListeningPort] = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        failures: list[Failure] = []
-        listening = self.endpoint.listen(self.factory)
-        listening.addCallbacks(self._listening, failures.append)
-        if failures:
-            # Raised at once, so that a taken port stops the start with a message.
-            failures[0].raiseException()
+        self._waitingForPort.addCallback(self._listening)
 
-    def _listening(self, port: IListeningPort) -> None:
+    def _listening(self, port: Optional[IListeningPort]) -> Optional[IListeningPort]:
+        # None when the listen failed later or was cancelled (already logged).
         self.port = port
+        return port
 
-    def startService(self) -> None:
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> Optional[defer.Deferred[None]]:
-        super().stopService()
-        port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
+    def stopService(self) -> defer.Deferred[None]:
+        self.port = None
+        stopped: defer.Deferred[None] = super().stopService()
+        return stopped
 
 
 class MQService(service.MultiService):

@@ -2,30 +2,61 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import resource
+import signal
 import sys
 from dataclasses import fields
-from typing import Any, Optional
+from types import FrameType
+from typing import Any, Callable, NoReturn, Optional, Union
 
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.logfile import BaseLogFile
 
 from mqmq import __version__
-from mqmq.address import DEFAULT_ADDRESS, parse_address
+from mqmq.address import DEFAULT_ADDRESS, describe, parse_address
 from mqmq.codec import max_frame_length
+from mqmq.info import encode_info
 from mqmq.limits import MAX_INFO_BYTES, Limits, parse_size
 from mqmq.service import MQService
 
 _DEFAULTS = Limits()
 # A frame's length is a uint32, and must have room for Put and a queue name.
 _LARGEST_MESSAGE = 2**32 - 1 - max_frame_length(0)
+# The smallest Info reply there is: one connection (the one asking), no queue.
+_SMALLEST_INFO = len(encode_info(1, 0, {}))
+
+#: Permissions of a UNIX socket whose ``--listen`` description gives no
+#: ``mode=``: its owner and group may connect, others not (Twisted's own
+#: default, 0666, lets every local user in).
+UNIX_SOCKET_MODE = 0o660
+
+# Modules Twisted's TLS needs; the ``tls`` extra installs them.
+_TLS_MODULES = {"OpenSSL", "cryptography", "service_identity"}
 
 
-def _size(text: str) -> int:
+def size_option(text: str) -> int:
+    """A size option's bytes (``512KiB``, ``32MiB`` ...), or a usage error."""
     try:
         return parse_size(text)
     except ValueError as error:
         raise usage.UsageError(str(error)) from None
+
+
+def message_size_option(text: str) -> int:
+    """``--max-message-bytes``: a size from 1 byte to what a frame can carry."""
+    size = size_option(text)
+    if size == 0:
+        raise usage.UsageError("--max-message-bytes 0 would refuse every message but empty ones")
+    if size > _LARGEST_MESSAGE:
+        raise usage.UsageError(f"--max-message-bytes may be {_LARGEST_MESSAGE} at most")
+    return size
 
 
 def _count(text: str) -> int:
@@ -44,9 +75,43 @@ def _seconds(text: str) -> float:
     return seconds
 
 
-_size.coerceDoc = "A size in bytes; KiB, MiB, GiB (and kB, MB, GB) may follow."  # type: ignore[attr-defined]
+size_option.coerceDoc = "A size in bytes; KiB, MiB, GiB (and kB, MB, GB) may follow."  # type: ignore[attr-defined]
+message_size_option.coerceDoc = size_option.coerceDoc  # type: ignore[attr-defined]
 _count.coerceDoc = ""  # type: ignore[attr-defined]
 _seconds.coerceDoc = ""  # type: ignore[attr-defined]
+
+
+def listen_description(description: str) -> str:
+    """A ``--listen`` endpoint description, checked as Twisted will read it.
+
+    A UNIX socket given no ``mode=`` gets :data:`UNIX_SOCKET_MODE`.
+
+    :raises usage.UsageError: naming the description and what is wrong.
+    """
+    from twisted.internet import reactor
+
+    try:
+        # Builds the endpoint without listening: its arguments are checked,
+        # and a TLS endpoint imports pyOpenSSL and reads its certificate.
+        endpoint = serverFromString(reactor, description)
+    except ImportError as error:
+        if (error.name or "").partition(".")[0] in _TLS_MODULES:
+            raise usage.UsageError(
+                f"--listen {description!r}: TLS needs pyOpenSSL, which is not installed: "
+                f"pip install 'mqmq[tls]'"
+            ) from None
+        raise usage.UsageError(f"--listen {description!r}: {error}") from None
+    except Exception as error:  # whatever an endpoint parser raises: ValueError, TypeError ...
+        raise usage.UsageError(
+            f"--listen {description!r}: not a valid endpoint description ({error})"
+        ) from None
+    if isinstance(endpoint, UNIXServerEndpoint):
+        # Twisted's own parser, to see the description exactly as it does;
+        # a mode may also come positionally, after the path.
+        arguments, keywords = _parse(description)
+        if "mode" not in keywords and len(arguments) < 3:
+            return f"{description}:mode={UNIX_SOCKET_MODE:o}"
+    return description
 
 
 class VersionOption:
@@ -64,7 +129,9 @@ class Options(VersionOption, usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Runs an mqmq message-queue server, wire-compatible with the original "
-        "Go mqmq. By default it listens on " + DEFAULT_ADDRESS + "."
+        "Go mqmq. By default it listens on " + DEFAULT_ADDRESS + ". "
+        "SIGHUP reopens the log file (as logrotate expects) and the server "
+        "serves on."
     )
 
     optParameters: list[list[Any]] = [
@@ -73,13 +140,13 @@ class Options(VersionOption, usage.Options):
          f"interface). [default: {DEFAULT_ADDRESS}, unless --listen is given]"],
         ["max-message-bytes", None, _DEFAULTS.max_message_bytes,
          "Largest message a Put may carry; a larger one is refused with "
-         "REQUEST_MESSAGE_TOO_LARGE.", _size],
+         "REQUEST_MESSAGE_TOO_LARGE.", message_size_option],
         ["max-connections", None, _DEFAULTS.max_connections,
          "Most open client connections; a connection beyond is closed at once. "
          "0: no limit.", _count],
         ["max-queued-bytes", None, _DEFAULTS.max_queued_bytes,
          "Most bytes of messages held in all queues; a Put beyond is refused with "
-         "SERVER_STORAGE_FULL. 0: no limit.", _size],
+         "SERVER_STORAGE_FULL. 0: no limit.", size_option],
         ["max-queued-messages", None, _DEFAULTS.max_queued_messages,
          "Most messages held in all queues; a Put beyond is refused with "
          "SERVER_STORAGE_FULL. 0: no limit.", _count],
@@ -91,10 +158,10 @@ class Options(VersionOption, usage.Options):
          "0: never.", _seconds],
         ["max-pending-bytes", None, _DEFAULTS.max_pending_bytes,
          "Bytes of requests buffered behind a waiting Get before the server stops "
-         "reading from that connection.", _size],
+         "reading from that connection.", size_option],
         ["max-info-bytes", None, _DEFAULTS.max_info_bytes,
          "Largest Info reply; a larger one is refused with SERVER_INFO_TOO_LARGE "
-         "(the default is the most one frame can carry).", _size],
+         "(the default is the most one frame can carry).", size_option],
     ]
 
     def __init__(self) -> None:
@@ -102,13 +169,16 @@ class Options(VersionOption, usage.Options):
         self["listen"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Also listen on a Twisted endpoint (tcp6:, unix:, ssl: ...); repeatable."""
-        self["listen"].append(description)
+        """Also listen on a Twisted endpoint (tcp6:, unix:, ssl: ...); repeatable.
+        A unix: socket without mode= gets mode 660."""
+        self["listen"].append(listen_description(description))
 
     opt_l = opt_listen
 
     def postOptions(self) -> None:
         endpoints: list[str] = list(self["listen"])
+        if self["addr"] == "":
+            raise usage.UsageError("--addr is empty (want HOST:PORT)")
         if self["addr"] is not None or not endpoints:
             try:
                 address = parse_address(self["addr"] or DEFAULT_ADDRESS)
@@ -117,10 +187,13 @@ class Options(VersionOption, usage.Options):
             self["address"] = address
             endpoints.insert(0, address.server_endpoint())
         self["endpoints"] = endpoints
+        if self["max-info-bytes"] < _SMALLEST_INFO:
+            raise usage.UsageError(
+                f"--max-info-bytes {self['max-info-bytes']} would refuse every Info "
+                f"(the smallest reply is {_SMALLEST_INFO} bytes)"
+            )
         if self["max-info-bytes"] > MAX_INFO_BYTES:
             raise usage.UsageError(f"--max-info-bytes may be {MAX_INFO_BYTES} at most")
-        if self["max-message-bytes"] > _LARGEST_MESSAGE:
-            raise usage.UsageError(f"--max-message-bytes may be {_LARGEST_MESSAGE} at most")
         self["limits"] = Limits(**{
             field.name: self[field.name.replace("_", "-")] for field in fields(Limits)
         })
@@ -136,10 +209,122 @@ def _allow_open_files(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
 
 
-def makeService(options: Options, reactor: Optional[Any] = None) -> MQService:
-    """The server: a broker listening on every endpoint the options name."""
-    if reactor is None:
-        from twisted.internet import reactor
+def make_server(options: Options, reactor: Any) -> MQService:
+    """The server the options describe: a broker listening on every endpoint."""
     limits: Limits = options["limits"]
     _allow_open_files(limits.max_connections)
     return MQService(reactor, options["endpoints"], limits)
+
+
+def addresses(server: MQService) -> str:
+    """Where ``server`` listens, as people write it: ``127.0.0.1:47774, unix:/path``."""
+    return ", ".join(describe(port.getHost()) for port in server.ports)
+
+
+class StartFailed(SystemExit, Exception):
+    """The server could not start; the reason is logged already.
+
+    An ``Exception``, so that ``twistd`` cleans up as after any failed start
+    (removes its PID file, tells a daemon's waiting parent); a
+    ``SystemExit``, so that the process then ends with status 1 and no
+    traceback.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(1)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _twistd_log_file() -> Optional[BaseLogFile]:
+    """The log file ``twistd`` writes to, if it writes to one.
+
+    ``twistd`` keeps it nowhere public: only its SIGUSR1 handler, which
+    rotates it, holds it.  None when logging to standard output or syslog.
+    """
+    handler = signal.getsignal(signal.SIGUSR1)
+    if not inspect.isfunction(handler):
+        return None
+    for value in inspect.getclosurevars(handler).nonlocals.values():
+        if isinstance(value, BaseLogFile):
+            return value
+    return None
+
+
+_SignalHandler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
+
+
+class TwistdServer(service.MultiService):
+    """The server as ``twistd mqmq`` runs it, as a daemon should run.
+
+    A failed start is one error line in the log and exit status 1.  SIGHUP
+    reopens twistd's log file (after logrotate moved it away) and the server
+    serves on.  These are the process's business, so they live here and
+    not in :class:`~mqmq.service.MQService`, which applications embed.
+    """
+
+    log = Logger()
+
+    def __init__(self, server: MQService) -> None:
+        super().__init__()
+        self.server = server
+        server.setServiceParent(self)
+        self._log_file: Optional[BaseLogFile] = None
+        self._previous_hangup: _SignalHandler = None
+
+    def privilegedStartService(self) -> None:
+        # Before listening: a SIGHUP as soon as the port accepts must not kill.
+        self._log_file = _twistd_log_file()
+        self._previous_hangup = signal.signal(signal.SIGHUP, self._hangup)
+        try:
+            super().privilegedStartService()
+        except Exception as error:
+            self._cannot_start(error)
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except Exception as error:
+            self._cannot_start(error)
+        self.log.info("starting server: {address}", address=addresses(self.server))
+
+    def _cannot_start(self, error: Exception) -> NoReturn:
+        self.log.error("cannot start server: {error}", error=error)
+        raise StartFailed(f"cannot start server: {error}")
+
+    def stopService(self) -> defer.Deferred[None]:
+        stopped = defer.maybeDeferred(super().stopService)
+
+        def restore_hangup(result: object) -> object:
+            # Not before: a SIGHUP while connections close must not kill.
+            previous = self._previous_hangup
+            signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+            return result
+
+        return stopped.addBoth(restore_hangup).addCallback(lambda _: None)
+
+    def _hangup(self, number: int, frame: Optional[FrameType]) -> None:
+        self.server.reactor.callFromThread(self._reopen_log)
+
+    def _reopen_log(self) -> None:
+        log_file = self._log_file
+        if log_file is None:
+            self.log.info("received SIGHUP: no log file to reopen, serving on")
+            return
+        # Reopening closes the file first: if the new one cannot be made, keep the old.
+        exists = os.path.exists(log_file.path)
+        if not os.access(log_file.path if exists else log_file.directory, os.W_OK):
+            self.log.error("received SIGHUP: cannot reopen the log file {path}: not writable; "
+                           "still writing to the one open", path=log_file.path)
+            return
+        log_file.reopen()
+        self.log.info("received SIGHUP: reopened the log file {path}, serving on", path=log_file.path)
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> TwistdServer:
+    """The server ``twistd mqmq`` runs."""
+    if reactor is None:
+        from twisted.internet import reactor
+    return TwistdServer(make_server(options, reactor))
