@@ -410,12 +410,6 @@ def floor_main(address: str) -> None:
 _READY = re.compile(r"INFO: starting server: (\S+)")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class ServerProcess:
     """A server subprocess, ready once it logs ``INFO: starting server: ADDR``."""
 
@@ -502,7 +496,8 @@ def _started(label: str, argv: list[str]) -> ServerProcess:
 
 
 def start_mqmq() -> ServerProcess:
-    return _started("mqmq", [sys.executable, "-m", "mqmq", "start", "-addr", f"127.0.0.1:{free_port()}",
+    # Port 0: the server logs the port it got, which wait_ready reads.
+    return _started("mqmq", [sys.executable, "-m", "mqmq", "start", "-addr", "127.0.0.1:0",
                              "--max-queued-bytes", "0", "--max-queued-messages", "0"])
 
 

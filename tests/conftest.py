@@ -1,14 +1,23 @@
-"""Shared fixtures: free loopback ports and subprocess environments."""
+"""Shared fixtures: subprocess environments, servers on ports they chose, refused addresses."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import socket
+import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
 
 import pytest
 from hypothesis import settings
+
+from support import read_exactly
 
 # Machines are shared and noisy: no per-example time limit, which would fail
 # a correct test on a slow moment.  Examples stay small, so runs stay short.
@@ -17,18 +26,56 @@ settings.load_profile("mqmq")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+#: Longest a server may take to start listening.
+START_DEADLINE = 10.0
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+#: What ``mqmq start`` and ``twistd mqmq`` log once listening, naming the
+#: port they got (they are started on port 0: no port is guessed).
+STARTED = re.compile(r"starting server: 127\.0\.0\.1:(\d+)")
 
 
 def bin_path(name: str) -> str:
     """A console script installed beside this Python (twistd, mqmq)."""
     return str(Path(sys.executable).parent / name)
+
+
+def default_signals() -> None:
+    """``preexec_fn`` for servers the tests signal: default signal handling.
+
+    A child inherits ignored signals: run as a background job, pytest has
+    SIGINT ignored, and so would ``twistd`` (which then leaves it ignored).
+    """
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def logged_port(
+    read_log: Callable[[], str], process: subprocess.Popen, deadline: float = START_DEADLINE
+) -> int:
+    """The port a server started on ``127.0.0.1:0`` logged it got."""
+    give_up = time.monotonic() + deadline
+    while True:
+        match = STARTED.search(read_log())
+        if match:
+            return int(match.group(1))
+        if process.poll() is not None:
+            pytest.fail(f"server exited with status {process.returncode} before listening:\n"
+                        f"{read_log()}")
+        if time.monotonic() > give_up:
+            pytest.fail(f"the server did not log its port within {deadline} s:\n{read_log()}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def refused_address() -> Iterator[str]:
+    """``127.0.0.1:PORT`` where connections are refused for the whole test.
+
+    The port is bound but not listening, so nothing else can take it.
+    """
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield "127.0.0.1:%d" % holder.getsockname()[1]
 
 
 @pytest.fixture
@@ -42,3 +89,140 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+#: A client command against a running server should finish well within this.
+COMMAND_TIMEOUT = 15.0
+
+Argument = Union[str, bytes]
+
+
+class Processes:
+    """Starts subprocesses with the checkout's environment; kills leftovers."""
+
+    def __init__(self, env: dict[str, str], directory: Path) -> None:
+        self.env = env
+        self.directory = directory
+        self.started: list[subprocess.Popen] = []
+        self._count = 0
+
+    def spawn(
+        self, *argv: Argument, stdin: Optional[int] = subprocess.DEVNULL,
+        stdout: Optional[int] = None,
+    ) -> subprocess.Popen:
+        """Start ``argv``; its stdout and stderr go to files (see :meth:`output`)."""
+        self._count += 1
+        stem = self.directory / f"proc{self._count}"
+        with open(f"{stem}.out", "wb") as out, open(f"{stem}.err", "wb") as err:
+            process = subprocess.Popen(
+                argv, env=self.env, cwd=self.directory, stdin=stdin,
+                stdout=out if stdout is None else stdout, stderr=err,
+                preexec_fn=default_signals,
+            )
+        process.stem = stem  # type: ignore[attr-defined]
+        self.started.append(process)
+        return process
+
+    @staticmethod
+    def output(process: subprocess.Popen) -> tuple[bytes, str]:
+        """What ``process`` wrote so far: stdout bytes, stderr text."""
+        stem = process.stem  # type: ignore[attr-defined]
+        return (
+            Path(f"{stem}.out").read_bytes(),
+            Path(f"{stem}.err").read_text(errors="replace"),
+        )
+
+    def run(self, *argv: Argument, input: Optional[bytes] = None,
+            stdout: Optional[int] = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            argv,
+            env=self.env,
+            cwd=self.directory,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout is None else stdout,
+            stderr=subprocess.PIPE,
+            timeout=COMMAND_TIMEOUT,
+            preexec_fn=default_signals,
+        )
+
+    def mqmq(self, *args: Argument, input: Optional[bytes] = None,
+             stdout: Optional[int] = None) -> subprocess.CompletedProcess:
+        return self.run(bin_path("mqmq"), *args, input=input, stdout=stdout)
+
+    def start_server(self, *options: str, flag: str = "-addr") -> tuple[subprocess.Popen, str, int]:
+        """``mqmq start`` on a port of its choosing: the process, its address and port."""
+        process = self.spawn(bin_path("mqmq"), "start", flag, "127.0.0.1:0", *options)
+        port = logged_port(lambda: self.output(process)[1], process)
+        return process, f"127.0.0.1:{port}", port
+
+    def start_twistd(self, *options: str) -> tuple[subprocess.Popen, str, int]:
+        """``twistd -n mqmq`` on a port of its choosing, logging to stdout."""
+        process = self.spawn(bin_path("twistd"), "-n", "--pidfile=", "mqmq",
+                             "--addr", "127.0.0.1:0", *options)
+        port = logged_port(lambda: self.output(process)[0].decode("utf-8", "replace"), process)
+        return process, f"127.0.0.1:{port}", port
+
+    def kill_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def procs(subprocess_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(subprocess_env, tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single ``mqmq:`` line a failed command wrote, with nothing on stdout."""
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("mqmq:"), stderr
+    assert not result.stdout
+    return lines[0]
+
+
+def _frame(*values: bytes) -> bytes:
+    payload = b"".join(struct.pack(">I", len(value)) + value for value in values)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def raw_info(port: int) -> dict:
+    """The server's Info JSON, fetched over a plain socket (no mqmq client code)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_frame(b"Info"))
+        (length,) = struct.unpack(">I", read_exactly(sock, 4))
+        payload = read_exactly(sock, length)
+        sock.sendall(_frame(b"Quit"))
+    values = []
+    while payload:
+        (size,) = struct.unpack(">I", payload[:4])
+        values.append(payload[4 : 4 + size])
+        payload = payload[4 + size :]
+    assert values[0] == b"OK"
+    return json.loads(values[1])
+
+
+def wait_until(condition: Callable[[], bool], deadline: float = START_DEADLINE) -> None:
+    give_up = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > give_up:
+            pytest.fail("condition not met in time")
+        time.sleep(0.02)
+
+
+def stop(process: subprocess.Popen, signal_number: int) -> int:
+    """Send a signal; the exit status, which must come within 5 s."""
+    process.send_signal(signal_number)
+    try:
+        return process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"process still running 5 s after signal {signal_number}")

@@ -6,11 +6,9 @@ subprocesses on a real loopback port and stopped with real signals.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +16,16 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 
-from conftest import bin_path, free_port
-from support import read_exactly
+from conftest import (
+    COMMAND_TIMEOUT,
+    Processes,
+    assert_one_error_line,
+    bin_path,
+    default_signals,
+    raw_info,
+    stop,
+    wait_until,
+)
 
 # Exit statuses are part of the command's contract (scripts test them), so
 # they are spelt out here rather than taken from mqmq.cli.
@@ -27,157 +33,15 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 
-#: Longest a process may take to start listening, or to stop after a signal.
-DEADLINE = 10.0
-#: A client command against a running server should finish well within this.
-COMMAND_TIMEOUT = 15.0
-
 LOG_LINE = r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d"
-
-
-def wait_for_port(port: int, process: subprocess.Popen, deadline: float = DEADLINE) -> None:
-    """Poll until something accepts TCP connections on loopback ``port``."""
-    give_up = time.monotonic() + deadline
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with status {process.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > give_up:
-                pytest.fail(f"nothing listened on port {port} within {deadline} s")
-            time.sleep(0.005)
-
-
-def _frame(*values: bytes) -> bytes:
-    payload = b"".join(struct.pack(">I", len(value)) + value for value in values)
-    return struct.pack(">I", len(payload)) + payload
-
-
-def raw_info(port: int) -> dict:
-    """The server's Info JSON, fetched over a plain socket (no mqmq client code)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(_frame(b"Info"))
-        (length,) = struct.unpack(">I", read_exactly(sock, 4))
-        payload = read_exactly(sock, length)
-        sock.sendall(_frame(b"Quit"))
-    values = []
-    while payload:
-        (size,) = struct.unpack(">I", payload[:4])
-        values.append(payload[4 : 4 + size])
-        payload = payload[4 + size :]
-    assert values[0] == b"OK"
-    return json.loads(values[1])
-
-
-def wait_until(condition: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    give_up = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > give_up:
-            pytest.fail("condition not met in time")
-        time.sleep(0.02)
-
-
-class Processes:
-    """Starts subprocesses with the checkout's environment; kills leftovers."""
-
-    def __init__(self, env: dict[str, str], directory: Path) -> None:
-        self.env = env
-        self.directory = directory
-        self.started: list[subprocess.Popen] = []
-        self._count = 0
-
-    def spawn(self, *argv: str, stdin: Optional[int] = subprocess.DEVNULL) -> subprocess.Popen:
-        """Start ``argv``; its stdout and stderr go to files (see :meth:`output`)."""
-        self._count += 1
-        stem = self.directory / f"proc{self._count}"
-        process = subprocess.Popen(
-            argv,
-            env=self.env,
-            cwd=self.directory,
-            stdin=stdin,
-            stdout=open(f"{stem}.out", "wb"),
-            stderr=open(f"{stem}.err", "wb"),
-        )
-        process.stem = stem  # type: ignore[attr-defined]
-        self.started.append(process)
-        return process
-
-    @staticmethod
-    def output(process: subprocess.Popen) -> tuple[bytes, str]:
-        """What ``process`` wrote so far: stdout bytes, stderr text."""
-        stem = process.stem  # type: ignore[attr-defined]
-        return (
-            Path(f"{stem}.out").read_bytes(),
-            Path(f"{stem}.err").read_text(errors="replace"),
-        )
-
-    def run(self, *argv: str, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            argv,
-            env=self.env,
-            cwd=self.directory,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            timeout=COMMAND_TIMEOUT,
-        )
-
-    def mqmq(self, *args: str, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
-        return self.run(bin_path("mqmq"), *args, input=input)
-
-    def kill_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            for stream in (process.stdout, process.stderr):
-                if stream is not None:
-                    stream.close()
-
-
-@pytest.fixture
-def procs(subprocess_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(subprocess_env, tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
-
-
-def start_server(procs: Processes, flag: str = "-addr") -> tuple[subprocess.Popen, str, int]:
-    port = free_port()
-    addr = f"127.0.0.1:{port}"
-    process = procs.spawn(bin_path("mqmq"), "start", flag, addr)
-    wait_for_port(port, process)
-    return process, addr, port
 
 
 @pytest.fixture
 def server(procs: Processes) -> Iterator[tuple[str, int]]:
     """A running ``mqmq start`` server: its address and port."""
-    process, addr, port = start_server(procs)
+    process, addr, port = procs.start_server()
     yield addr, port
     assert process.poll() is None, "the server died during the test"
-
-
-def stop(process: subprocess.Popen, signal_number: int) -> int:
-    process.send_signal(signal_number)
-    try:
-        return process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"process still running 5 s after signal {signal_number}")
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
-    stderr = result.stderr.decode("utf-8", "replace")
-    assert "Traceback" not in stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("mqmq:"), stderr
-    assert result.stdout == b""
-    return lines[0]
 
 
 # --- twistd mqmq --------------------------------------------------------------
@@ -200,16 +64,8 @@ def assert_twistd_stopped_cleanly(procs: Processes, process: subprocess.Popen, n
     assert b"Server Shut Down." in stdout
 
 
-def start_twistd(procs: Processes) -> tuple[subprocess.Popen, str, int]:
-    port = free_port()
-    addr = f"127.0.0.1:{port}"
-    process = procs.spawn(bin_path("twistd"), "-n", "--pidfile=", "mqmq", "--addr", addr)
-    wait_for_port(port, process)
-    return process, addr, port
-
-
 def test_twistd_serves_and_stops_on_sigterm(procs: Processes) -> None:
-    process, addr, _ = start_twistd(procs)
+    process, addr, _ = procs.start_twistd()
 
     put = procs.mqmq("put", "-addr", addr, "q", "hello")
     assert put.returncode == 0, put.stderr
@@ -233,7 +89,7 @@ def test_twistd_serves_and_stops_on_sigterm(procs: Processes) -> None:
 
 
 def test_twistd_stops_on_sigint(procs: Processes) -> None:
-    process, addr, port = start_twistd(procs)
+    process, addr, port = procs.start_twistd()
     # A served request means the reactor runs, so twistd's own signal handlers
     # (installed as the reactor starts, after it listens) are in place.
     assert raw_info(port)["NumQueues"] == 0
@@ -269,7 +125,7 @@ def test_twistd_mqmq_help_documents_options(procs: Processes) -> None:
 def test_start_logs_and_stops_on_signal(
     procs: Processes, flag: str, signal_number: int, signal_name: str
 ) -> None:
-    process, addr, _ = start_server(procs, flag)
+    process, addr, _ = procs.start_server(flag=flag)
     assert stop(process, signal_number) == 0
     stdout, stderr = procs.output(process)
     assert "Traceback" not in stderr
@@ -298,7 +154,7 @@ def test_start_handles_signal_sent_as_soon_as_it_listens(
 ) -> None:
     # A supervisor may signal the server the moment its port accepts; the
     # signal handlers must already be in place by then.
-    process, addr, _ = start_server(procs)
+    process, addr, _ = procs.start_server()
     assert stop(process, signal_number) == 0
     stderr = procs.output(process)[1]
     assert "Traceback" not in stderr
@@ -401,8 +257,10 @@ def test_binary_message_through_stdin(procs: Processes, server: tuple[str, int])
     [("info",), ("put", "q", "x"), ("get", "q")],
     ids=["info", "put", "get"],
 )
-def test_refused_connection_fails_with_one_line(procs: Processes, args: tuple[str, ...]) -> None:
-    addr = f"127.0.0.1:{free_port()}"
+def test_refused_connection_fails_with_one_line(
+    procs: Processes, args: tuple[str, ...], refused_address: str
+) -> None:
+    addr = refused_address
     result = procs.mqmq(args[0], "-addr", addr, *args[1:])
     assert result.returncode == EXIT_FAILURE
     assert addr in assert_one_error_line(result)
@@ -440,9 +298,11 @@ def test_bad_command_line_is_a_usage_error(procs: Processes, args: tuple[str, ..
 
 
 @pytest.mark.parametrize("duration", ["5x", "2h"], ids=["malformed", "over-one-hour"])
-def test_bad_duration_is_a_usage_error(procs: Processes, duration: str) -> None:
+def test_bad_duration_is_a_usage_error(
+    procs: Processes, duration: str, refused_address: str
+) -> None:
     # Nothing listens: the duration must be refused before connecting.
-    addr = f"127.0.0.1:{free_port()}"
+    addr = refused_address
     result = procs.mqmq("get", "-addr", addr, "-timeout", duration, "q")
     assert result.returncode == EXIT_USAGE
     assert duration in assert_one_error_line(result)
@@ -454,7 +314,7 @@ def test_start_listens_on_a_unix_socket_and_logs_its_path(
     path = tmp_path / "mqmq.sock"
     server = subprocess.Popen(
         [bin_path("mqmq"), "start", "--listen", f"unix:{path}"],
-        env=subprocess_env, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals,
     )
     try:
         deadline = time.monotonic() + 10

@@ -29,7 +29,7 @@ from twisted.internet import reactor, task
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from zope.interface import provider
 
-from conftest import bin_path, free_port
+from conftest import bin_path, logged_port
 from mqmq.broker import Broker, Waiter
 from mqmq.limits import Limits
 from mqmq.server import LIVENESS_INTERVAL, MQServerProtocol
@@ -628,10 +628,11 @@ def spawn(subprocess_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[.
     started: list[Server] = []
 
     def start(*argv: str) -> Server:
-        port = free_port()
-        command = [arg.replace("{addr}", f"127.0.0.1:{port}") for arg in argv]
-        server = Server(command, port, subprocess_env, tmp_path)
+        # On port 0: the server logs the port it got (twistd to stdout).
+        command = [arg.replace("{addr}", "127.0.0.1:0") for arg in argv]
+        server = Server(command, 0, subprocess_env, tmp_path)
         started.append(server)
+        server.port = logged_port(lambda: "".join(server.output()), server.process)
         server.wait_for_port()
         return server
 
