@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from conftest import REPO_ROOT, bin_path
+from conftest import REPO_ROOT, bin_path, default_signals
 from support import read_exactly
 
 EXAMPLES = REPO_ROOT / "examples"
@@ -73,7 +73,8 @@ class Spawned:
         self.err_path = directory / f"{name}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.process = subprocess.Popen(
-                argv, env=env, cwd=directory, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                argv, env=env, cwd=directory, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                preexec_fn=default_signals,
             )
 
     def output(self) -> str:
@@ -119,6 +120,7 @@ def run_example(env: dict[str, str], name: str, *arguments: str) -> str:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *arguments],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=DEADLINE,
+        preexec_fn=default_signals,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
