@@ -179,6 +179,14 @@ def procs(subprocess_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]
         processes.kill_all()
 
 
+@pytest.fixture
+def server(procs: Processes) -> Iterator[tuple[str, int]]:
+    """A running ``mqmq start`` server: its address and port."""
+    process, addr, port = procs.start_server()
+    yield addr, port
+    assert process.poll() is None, "the server died during the test"
+
+
 def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
     """The single ``mqmq:`` line a failed command wrote, with nothing on stdout."""
     stderr = result.stderr.decode("utf-8", "replace")

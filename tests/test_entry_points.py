@@ -12,7 +12,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import pytest
 
@@ -34,14 +33,6 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 
 LOG_LINE = r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d"
-
-
-@pytest.fixture
-def server(procs: Processes) -> Iterator[tuple[str, int]]:
-    """A running ``mqmq start`` server: its address and port."""
-    process, addr, port = procs.start_server()
-    yield addr, port
-    assert process.poll() is None, "the server died during the test"
 
 
 # --- twistd mqmq --------------------------------------------------------------
