@@ -234,9 +234,8 @@ def _start(options: StartOptions) -> NoReturn:
     try:
         server.privilegedStartService()
         server.startService()
-    except Exception as error:  # a taken port, a bad endpoint: say so and leave
-        log.error("cannot start server: {error}", error=error)
-        raise SystemExit(EXIT_FAILURE)
+    except Exception as error:  # a taken port, a port not ours to take: say so and leave
+        _fail(f"cannot start server: {error}")
     addresses = tap.addresses(server)
     log.info("starting server: {address}", address=addresses)
     reactor.run(installSignalHandlers=False)

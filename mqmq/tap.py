@@ -292,7 +292,7 @@ class TwistdServer(service.MultiService):
 
     def _cannot_start(self, error: Exception) -> NoReturn:
         self.log.error("cannot start server: {error}", error=error)
-        raise StartFailed(f"cannot start server: {error}")
+        raise StartFailed(str(error))
 
     def stopService(self) -> defer.Deferred[None]:
         stopped = defer.maybeDeferred(super().stopService)
