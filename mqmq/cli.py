@@ -39,6 +39,9 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 log = Logger(namespace="mqmq")
 
+#: Bytes read from standard input at a time.
+_READ_SIZE = 1024 * 1024
+
 # Go's signal names, as the original logs them.
 _SIGNAL_NAMES = {signal.SIGINT: "interrupt", signal.SIGTERM: "terminated", signal.SIGHUP: "hangup"}
 
@@ -259,13 +262,22 @@ def _write_output(write: Callable[[], object]) -> None:
 
 def _read_message(limit: int) -> bytes:
     """Standard input, up to ``limit`` bytes; more is refused before it is read."""
+    # In pieces, from the descriptor itself: sys.stdin.buffer.read(limit + 1)
+    # would set aside the whole limit at once.
+    chunks: list[bytes] = []
+    size = 0
     try:
-        message = sys.stdin.buffer.read(limit + 1)
+        while size <= limit:
+            chunk = os.read(0, min(_READ_SIZE, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except OSError as error:
         _fail(f"cannot read standard input: {error.strerror or error}")
-    if len(message) > limit:
+    if size > limit:
         _fail(f"message too large: more than {limit} bytes (--max-message-bytes)")
-    return message
+    return b"".join(chunks)
 
 
 def _server_error(error: errors.MQError, command: Optional[str], message_size: int) -> str:

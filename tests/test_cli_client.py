@@ -144,9 +144,11 @@ def test_ctrl_c_while_put_reads_a_terminal_exits_130_quietly(
 ) -> None:
     addr, port = server
     controller, term = terminal
-    putter = procs.spawn(bin_path("mqmq"), "put", "-addr", addr, "typed", stdin=term)
-    # A line typed and taken: the command is reading the terminal.
+    # A line typed before the command starts (the terminal takes it in
+    # asynchronously), then taken by it: the command is reading the terminal.
     os.write(controller, b"half a message\n")
+    wait_until(lambda: unread(term) > 0)
+    putter = procs.spawn(bin_path("mqmq"), "put", "-addr", addr, "typed", stdin=term)
     wait_until(lambda: unread(term) == 0)
     putter.send_signal(signal.SIGINT)
     try:
