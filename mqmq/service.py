@@ -38,6 +38,9 @@ class _Listener(StreamServerEndpointService):
 
     def stopService(self) -> defer.Deferred[None]:
         self.port = None
+        if self._waitingForPort is None:  # never started: nothing to stop
+            self.running = False
+            return defer.succeed(None)
         stopped: defer.Deferred[None] = super().stopService()
         return stopped
 

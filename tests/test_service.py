@@ -92,6 +92,12 @@ def test_stopping_stops_the_port_and_forgets_it() -> None:
     assert service.ports == []
 
 
+def test_a_service_never_started_stops_cleanly() -> None:
+    service, endpoint = late_service()
+    success(service.stopService())
+    assert endpoint.listens == []
+
+
 def test_a_taken_port_fails_the_start_at_once() -> None:
     service = MQService(Clock())
     service.listen_on(TakenEndpoint())
