@@ -40,6 +40,10 @@ class GetTimeout(MQError):
     """
 
 
+class ConsumerGone(MQError):
+    """A waiting ``get``'s consumer went away before a message came for it."""
+
+
 class ServerError(MQError):
     """The server answered ``Error``; ``error_type`` is the type it sent."""
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from mqmq.errors import BadResponse
 
@@ -92,20 +93,39 @@ class ServerInfo:
         return "\n".join(lines) + "\n"
 
 
-def queue_key(name: bytes) -> str:
+# Bytes Go's encoder writes as they are: printable ASCII but for the quote,
+# the backslash and the HTML characters it escapes.  Most queue names are
+# made of these alone, and then need no decoding, escaping or caching.
+_NEEDS_ESCAPING = re.compile(rb'[^\x20\x21\x23-\x25\x27-\x3b\x3d\x3f-\x5b\x5d-\x7e]')
+_KEY_END = b'":{"NumMessages":'
+
+
+def queue_key(name: bytes) -> bytes:
     """The start of a queue's entry in ``Info`` JSON, up to its message count."""
-    return f'{_go_json_string(name)}:{{"NumMessages":'
+    if _NEEDS_ESCAPING.search(name) is None:
+        return b'"' + name + _KEY_END
+    return _go_json_string(name).encode("utf-8") + _KEY_END[1:]
 
 
-def encode_info_entries(
-    num_connections: int, num_messages: int, entries: Sequence[tuple[str, int]]
-) -> bytes:
-    """Encode an ``Info`` reply from (:func:`queue_key`, count) pairs in name order."""
-    queues = ",".join([f"{key}{count}}}" for key, count in entries])
-    return (
-        f'{{"NumConnections":{num_connections},"NumQueues":{len(entries)},'
-        f'"NumMessages":{num_messages},"Queues":{{{queues}}}}}'
-    ).encode("utf-8")
+#: Bytes of an ``Info`` entry besides its name's JSON string and its count:
+#: ``:{"NumMessages":``, ``}`` and the comma before the next entry.
+ENTRY_OVERHEAD = len(_KEY_END) - 1 + 1 + 1
+
+
+def encode_info_header(num_connections: int, num_queues: int, num_messages: int) -> bytes:
+    """The ``Info`` JSON up to the first queue's entry."""
+    return b'{"NumConnections":%d,"NumQueues":%d,"NumMessages":%d,"Queues":{' % (
+        num_connections, num_queues, num_messages,
+    )
+
+
+#: What closes the ``Info`` JSON after the last entry.
+INFO_END = b"}}"
+
+
+def encode_info_entry(name: bytes, count: int) -> bytes:
+    """One queue's entry in ``Info`` JSON, without the comma between entries."""
+    return queue_key(name) + b"%d}" % count
 
 
 def encode_info(num_connections: int, num_messages: int, queues: Mapping[bytes, int]) -> bytes:
@@ -115,7 +135,5 @@ def encode_info(num_connections: int, num_messages: int, queues: Mapping[bytes, 
     as Go sorts map keys, and names that are not valid UTF-8 are made valid.
     Two names differing only in invalid bytes both appear, as in Go.
     """
-    return encode_info_entries(
-        num_connections, num_messages,
-        [(queue_key(name), count) for name, count in sorted(queues.items())],
-    )
+    entries = b",".join([encode_info_entry(name, count) for name, count in sorted(queues.items())])
+    return encode_info_header(num_connections, len(queues), num_messages) + entries + INFO_END

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from struct import Struct
 from typing import Any, Callable, Optional
 
@@ -24,6 +25,7 @@ from mqmq.writer import ReplyWriter
 _UINT32 = Struct(">I")
 _OK_FRAME = encode_frame([OK])
 _TIMEOUT_FRAME = encode_frame([TIMEOUT])
+_INFO_REPLY_PREFIX = _UINT32.pack(2) + OK
 
 #: Seconds between checks that a peer we have stopped reading from is still there.
 LIVENESS_INTERVAL = 1.0
@@ -47,6 +49,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.limits = broker.limits
         self.MAX_LENGTH = max(MAX_FRAME_LENGTH, self.limits.max_frame_bytes)
         self._waiting: Optional[defer.Deferred[bytes]] = None
+        # An Info request being answered: waiting its turn, or being built.
+        self._info: Optional[defer.Deferred[bytes]] = None
+        self._info_waiting_turn = False
+        # Bytes of this connection's last Info reply not yet sent, counted
+        # against the factory's Info budget.
+        self._info_unsent = 0
+        self._parsing = False
         self._closing = False
         self._reading = True
         self._liveness_check: Optional[IDelayedCall] = None
@@ -73,8 +82,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.setTimeout(self.limits.idle_timeout or None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # A message whose reply had not all reached the kernel was never
-        # handed over: it goes back to the front of its queue, in order.
+        # A message whose reply the peer never received was never handed
+        # over: it goes back to the front of its queue, in order.
         for queue, message in reversed(self._out.undelivered()):
             self.broker.put_back(queue, message)
         self.broker.num_connections -= 1
@@ -86,6 +95,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if self._waiting is not None:
             # Withdraws the waiter: a departed consumer never takes a message.
             self._waiting.cancel()
+        self.factory.end_info_turn(self)
+        if self._info is not None:
+            self._info.cancel()
+        self._set_info_unsent(0)
         super().connectionLost(reason)
 
     @property
@@ -111,14 +124,19 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     @property
     def holding(self) -> bool:
-        return self._closing or self.paused or self._waiting is not None
+        return self._closing or self.paused or self._answering
+
+    @property
+    def _answering(self) -> bool:
+        """True while a request waits for its answer, holding up those behind it."""
+        return self._waiting is not None or self._info is not None or self._info_waiting_turn
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
         self.resetTimeout()
         super().dataReceived(data)
-        if self._waiting is not None and self.buffered_bytes > self.limits.max_pending_bytes:
+        if self._answering and self.buffered_bytes > self.limits.max_pending_bytes:
             self._update_reading()
 
     def pauseProducing(self) -> None:
@@ -127,6 +145,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        if self._info_unsent:
+            # The transport has sent what it held past its buffer size.
+            self._set_info_unsent(min(self._info_unsent, self._out.unsent_bytes()))
         self._update_reading()
         self._parse_buffered()
 
@@ -135,7 +156,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def _update_reading(self) -> None:
         """Read from the socket unless replies pile up or requests do."""
-        backlog = self._waiting is not None and self.buffered_bytes > self.limits.max_pending_bytes
+        backlog = self._answering and self.buffered_bytes > self.limits.max_pending_bytes
         reading = not (self.paused or backlog or self._closing)
         if reading == self._reading:
             return
@@ -175,10 +196,12 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def _parse_buffered(self) -> None:
         # The replies to one read's requests go out together.
+        self._parsing = True
         self._out.begin_batch()
         try:
             super()._parse_buffered()
         finally:
+            self._parsing = False
             self._out.end_batch()
 
     def lengthLimitExceeded(self, length: int) -> None:
@@ -204,7 +227,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             elif type(command) is Get:
                 self._get(command)
             elif type(command) is Info:
-                self._out.write(encode_frame([OK, self.broker.info_json()]))
+                self._ask_info()
             elif type(command) is Quit:
                 self._close()
         except errors.RequestError as error:
@@ -236,7 +259,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if message is not None:
             self._send_message(command.queue, message)
             return
-        waiting = self.broker.wait(command.queue, command.timeout_ms / 1000)
+        waiting = self.broker.wait(command.queue, command.timeout_ms / 1000, self._consumer_present)
         self._waiting = waiting
         # Waiting for a message is not being idle.
         self.setTimeout(None)
@@ -247,14 +270,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         header = _UINT32.pack(4 + 2 + 4 + len(message)) + _UINT32.pack(2) + OK
         self._out.write_message(queue, message, header, _UINT32.pack(len(message)), message)
 
+    def _consumer_present(self) -> bool:
+        # Asked by the broker just before it hands this connection's waiting
+        # Get a message: one that has gone is passed over and takes nothing.
+        return not (self._closing or self._departed_unread())
+
     def _delivered(self, message: bytes, queue: bytes) -> None:
         self._waiting = None
-        if self._closing or self._departed_unread():
-            # The consumer is gone: the message goes to the next one instead.
-            self.broker.put_back(queue, message)
-            if not self._closing:
-                self._abort("the peer went away while its Get waited")
-            return
         self._send_message(queue, message)
         self._end_wait()
 
@@ -271,6 +293,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 return
             self._out.write(_TIMEOUT_FRAME)
             self._end_wait()
+        elif failure.check(errors.ConsumerGone):
+            if not self._closing:
+                self._abort("the peer went away while its Get waited")
         elif failure.check(defer.CancelledError):
             # The broker is stopping; connectionLost cancels with _closing set.
             if not self._closing:
@@ -287,6 +312,68 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if self.buffered_bytes and not self.holding:
             self.broker.clock.callLater(0, self._parse_buffered)
 
+    # Info ------------------------------------------------------------------
+    #
+    # An Info reply can be tens of megabytes for a few bytes of request: it is
+    # built a slice per reactor turn (Broker.build_info), one connection's at
+    # a time, and while the Info replies not yet sent pass the factory's
+    # budget, further ones wait their turn.  The requests behind one wait,
+    # as behind a waiting Get.
+
+    def _ask_info(self) -> None:
+        self._info_waiting_turn = True
+        self.factory.take_info_turn(self)
+
+    def start_info(self) -> None:
+        """Build this connection's Info reply: its turn has come."""
+        self._info_waiting_turn = False
+        building = self.broker.build_info(self.limits.max_info_bytes)
+        if not building.called:
+            self._info = building
+        building.addCallbacks(self._info_built, self._info_failed)
+
+    def _info_built(self, body: bytes) -> None:
+        self._info = None
+        self.factory.end_info_turn(self)
+        # Written as it is: framing it would copy the whole body once more.
+        header = _UINT32.pack(4 + 2 + 4 + len(body)) + _INFO_REPLY_PREFIX + _UINT32.pack(len(body))
+        self._out.write(header, body)
+        written = len(header) + len(body)
+        self._set_info_unsent(min(self._out.unsent_bytes(), self._info_unsent + written))
+        self._end_info()
+
+    def _info_failed(self, failure: Failure) -> None:
+        self._info = None
+        self.factory.end_info_turn(self)
+        if failure.check(defer.CancelledError):
+            return
+        if failure.check(errors.RequestError):
+            self._refuse(failure.value)
+        else:
+            self.log.failure("building an Info reply failed", failure)
+            self._close()
+            return
+        self._end_info()
+
+    def _end_info(self) -> None:
+        if self._closing:
+            return
+        self._update_reading()
+        # Answered from within our own parsing, the loop goes on by itself;
+        # otherwise (a later turn, another connection's doing) go on from the
+        # reactor.
+        if self.buffered_bytes and not self.holding and not self._parsing:
+            self.broker.clock.callLater(0, self._parse_buffered)
+
+    def _set_info_unsent(self, unsent: int) -> None:
+        before = self._info_unsent
+        if unsent == before:
+            return
+        self._info_unsent = unsent
+        self.factory.info_unsent_bytes += unsent - before
+        if unsent < before:
+            self.factory.next_info_turn()
+
 
 class MQServerFactory(Factory[MQServerProtocol]):
     """Builds a :class:`MQServerProtocol` for each connection, sharing one broker."""
@@ -294,9 +381,50 @@ class MQServerFactory(Factory[MQServerProtocol]):
     noisy = False
     log = Logger()
 
+    #: Bytes of Info replies written but not yet sent, across connections,
+    #: past which a new Info waits its turn: clients that ask for large
+    #: Info replies and never read them cannot take all the server's memory.
+    info_budget_bytes = 64 * 1024 * 1024
+
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.connections: set[MQServerProtocol] = set()
+        #: Bytes of Info replies written to connections but not yet sent.
+        self.info_unsent_bytes = 0
+        # Connections waiting to build an Info reply, and the one building.
+        self._info_turns: deque[MQServerProtocol] = deque()
+        self._info_building: Optional[MQServerProtocol] = None
+        self._starting_info_turns = False
+
+    def take_info_turn(self, protocol: MQServerProtocol) -> None:
+        """Queue a connection's Info; it starts when none is being built and
+        the budget allows (at once, usually)."""
+        self._info_turns.append(protocol)
+        self.next_info_turn()
+
+    def end_info_turn(self, protocol: MQServerProtocol) -> None:
+        """A connection's Info is built, or failed, or the connection closed."""
+        if self._info_building is protocol:
+            self._info_building = None
+        elif protocol in self._info_turns:
+            self._info_turns.remove(protocol)
+        self.next_info_turn()
+
+    def next_info_turn(self) -> None:
+        """Start the next waiting Info, if none is being built and the budget allows."""
+        if self._starting_info_turns:
+            return  # called back from start_info below: the loop goes on
+        self._starting_info_turns = True
+        try:
+            while (
+                self._info_turns and self._info_building is None
+                and self.info_unsent_bytes < self.info_budget_bytes
+            ):
+                protocol = self._info_building = self._info_turns.popleft()
+                # Built at once for most servers: then the loop goes on.
+                protocol.start_info()
+        finally:
+            self._starting_info_turns = False
 
     def buildProtocol(self, addr: Any) -> Optional[MQServerProtocol]:
         max_connections = self.broker.limits.max_connections

@@ -311,14 +311,15 @@ def test_storage_limits_zero_mean_no_limit() -> None:
 # -- max_queues --------------------------------------------------------------------
 
 
-def test_put_or_get_naming_a_queue_beyond_max_queues_is_refused() -> None:
+def test_put_or_get_naming_a_queue_beyond_max_queues_is_refused_when_none_is_idle() -> None:
     server = Server(Limits(max_queues=2))
     conn = server.connect()
     other = server.connect()
-    conn.send([b"Put", b"a", b"1"], [b"Get", b"b", b"1"])
+    waiter = server.connect()
+    # "a" holds a message and "b" a waiting Get: neither may be forgotten.
+    conn.send([b"Put", b"a", b"1"])
+    waiter.send([b"Get", b"b", b"60000"])
     assert conn.replies() == [[b"OK"]]
-    server.clock.advance(0.001)
-    assert conn.replies() == [[b"Timeout"]]
     with capturedLogs() as events:
         conn.send([b"Put", b"c", b"x"], [b"Get", b"c", b"1000"], [b"Get", b"d"])
     assert conn.raw() == 3 * (
@@ -326,16 +327,68 @@ def test_put_or_get_naming_a_queue_beyond_max_queues_is_refused() -> None:
     )
     assert len(logged(events, "refused", "SERVER_TOO_MANY_QUEUES")) == 3
     assert not conn.closed
-    # The refused Get did not wait: no timer is left.
-    assert server.clock.getDelayedCalls() == []
+    # The refused Get did not wait: only the waiter's timer is left.
+    assert len(server.clock.getDelayedCalls()) == 1
     assert server.queue_contents() == {b"a": [b"1"], b"b": []}
     # Existing queues still work, from any connection.
     other.send([b"Put", b"b", b"2"], [b"Get", b"a"], [b"Put", b"e", b"3"], [b"Info"])
     replies = other.replies()
-    assert replies[:3] == [[b"OK"], [b"OK", b"1"], TOO_MANY_QUEUES]
-    assert b'"NumQueues":2' in replies[3][1]
-    conn.send([b"Get", b"b"])
-    assert conn.replies() == [[b"OK", b"2"]]
+    assert waiter.replies() == [[b"OK", b"2"]]
+    # Both are empty now; "b", emptied first, is forgotten to make room for "e".
+    assert replies[:3] == [[b"OK"], [b"OK", b"1"], [b"OK"]]
+    assert b'"Queues":{"a":{"NumMessages":0},"e":{"NumMessages":1}}' in replies[3][1]
+
+
+def test_mistyped_queue_names_do_not_use_up_max_queues() -> None:
+    # A Get on a mistyped name creates a queue; once it is empty and nobody
+    # waits on it, it makes room for a new queue instead of taking a slot for good.
+    server = Server(Limits(max_queues=2))
+    conn = server.connect()
+    conn.send([b"Get", b"typo-1", b"1"], [b"Get", b"typo-2", b"1"])
+    server.clock.advance(0.001)
+    server.clock.advance(0.001)
+    assert conn.replies() == [[b"Timeout"], [b"Timeout"]]
+    conn.send([b"Put", b"jobs", b"x"], [b"Put", b"mail", b"y"], [b"Info"])
+    replies = conn.replies()
+    assert replies[:2] == [[b"OK"], [b"OK"]]
+    assert replies[2][1].endswith(
+        b'"Queues":{"jobs":{"NumMessages":1},"mail":{"NumMessages":1}}}'
+    )
+
+
+def test_idle_queues_are_forgotten_least_recently_used_first() -> None:
+    server = Server(Limits(max_queues=3))
+    broker = server.broker
+    for name in (b"a", b"b", b"c"):
+        broker.put(name, b"m")
+    # Emptied in the order b, c, a: b is the least recently used.
+    for name in (b"b", b"c", b"a"):
+        assert broker.take(name) == b"m"
+    # Info lists empty queues until they are forgotten, as the original does.
+    assert broker.info().queues == {"a": 0, "b": 0, "c": 0}
+    broker.put(b"d", b"m")
+    assert broker.info().queues == {"a": 0, "c": 0, "d": 1}
+    # Using an idle queue again makes it the most recently used.
+    assert broker.take(b"c") is None
+    broker.put(b"e", b"m")
+    assert broker.info().queues == {"c": 0, "d": 1, "e": 1}
+    # A queue with a waiter is never forgotten.
+    waiting = broker.wait(b"c", 10)
+    with pytest.raises(Exception, match="SERVER_TOO_MANY_QUEUES"):
+        broker.put(b"f", b"m")
+    assert broker.info().queues == {"c": 0, "d": 1, "e": 1}
+    broker.put(b"c", b"for the waiter")
+    assert waiting.result == b"for the waiter"  # type: ignore[attr-defined]
+
+
+def test_a_message_put_back_comes_back_even_if_its_queue_was_forgotten() -> None:
+    server = Server(Limits(max_queues=1))
+    broker = server.broker
+    broker.put(b"a", b"m")
+    assert broker.take(b"a") == b"m"
+    broker.put(b"b", b"n")  # forgets the empty "a"
+    broker.put_back(b"a", b"m")  # a consumer's connection broke: it returns
+    assert server.queue_contents() == {b"a": [b"m"], b"b": [b"n"]}
 
 
 # -- idle_timeout ------------------------------------------------------------------

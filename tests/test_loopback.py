@@ -43,8 +43,8 @@ def notify_on_wait(service: MQService, monkeypatch: pytest.MonkeyPatch) -> defer
     waiting: defer.Deferred[bytes] = defer.Deferred()
     original = service.broker.wait
 
-    def wait(queue_name: bytes, timeout: float) -> defer.Deferred[bytes]:
-        result = original(queue_name, timeout)
+    def wait(queue_name: bytes, timeout: float, present: Any = None) -> defer.Deferred[bytes]:
+        result = original(queue_name, timeout, present)
         if not waiting.called:
             waiting.callback(queue_name)
         return result
