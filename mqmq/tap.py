@@ -101,6 +101,8 @@ def listen_description(description: str) -> str:
                 f"pip install 'mqmq[tls]'"
             ) from None
         raise usage.UsageError(f"--listen {description!r}: {error}") from None
+    except OSError as error:  # a TLS certificate or key that cannot be read
+        raise usage.UsageError(f"--listen {description!r}: {error}") from None
     except Exception as error:  # whatever an endpoint parser raises: ValueError, TypeError ...
         raise usage.UsageError(
             f"--listen {description!r}: not a valid endpoint description ({error})"

@@ -147,6 +147,8 @@ BAD_LISTEN = [
     pytest.param("tcp:0:colour=blue", "colour", id="unknown-argument"),
     pytest.param("ssl:0", "pip install 'mqmq[tls]'", id="ssl-without-pyopenssl",
                  marks=pytest.mark.skipif(OPENSSL_INSTALLED, reason="pyOpenSSL is installed")),
+    pytest.param("ssl:0:privateKey=missing.pem", "No such file", id="ssl-missing-key",
+                 marks=pytest.mark.skipif(not OPENSSL_INSTALLED, reason="needs pyOpenSSL")),
 ]
 
 
