@@ -78,6 +78,32 @@ def test_twistd_reopens_its_log_file_on_sighup_and_serves_on(
     assert "Traceback" not in read(log) + read(rotated)
 
 
+def test_twistd_keeps_its_log_file_when_a_new_one_cannot_be_made(
+    procs: Processes, tmp_path: Path
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    process = procs.spawn(bin_path("twistd"), "-n", "--pidfile=", f"--logfile={logs / 'mqmq.log'}",
+                          "mqmq", "--addr", "127.0.0.1:0")
+    port = logged_port(lambda: read(logs / "mqmq.log"), process)
+
+    # The whole folder gone: no new file can be made where the old one was.
+    moved = tmp_path / "moved"
+    logs.rename(moved)
+    process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "cannot reopen the log file" in read(moved / "mqmq.log"))
+    assert re.search(r"#error\] received SIGHUP: cannot reopen the log file", read(moved / "mqmq.log"))
+    assert raw_info(port)["NumConnections"] == 1
+
+    # Once it can be, the next SIGHUP makes it, and logging goes on there.
+    logs.mkdir()
+    process.send_signal(signal.SIGHUP)
+    wait_until(lambda: REOPENED in read(logs / "mqmq.log"))
+    assert stop(process, signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert "Server Shut Down." in read(logs / "mqmq.log")
+    assert "Traceback" not in read(moved / "mqmq.log") + read(logs / "mqmq.log")
+
+
 def test_twistd_logging_to_stdout_serves_on_after_sighup(procs: Processes) -> None:
     process, _, port = procs.start_twistd()
     process.send_signal(signal.SIGHUP)
