@@ -326,7 +326,8 @@ def _fail(message: str, status: int = EXIT_FAILURE) -> NoReturn:
 def _interrupted(_number: int, _frame: Optional[FrameType]) -> NoReturn:
     # Ctrl-C ends a client command at once and quietly, as it does a shell
     # tool, wherever it is: reading standard input, connecting, waiting.
-    # Nothing is half written: output goes out only once a reply is whole.
+    # Not through the reactor, which would go on reading standard input,
+    # or report the connection it closes as a failure.
     os._exit(EXIT_INTERRUPTED)
 
 
