@@ -56,7 +56,9 @@ def parse_address(text: str) -> Address:
     """Split ``HOST:PORT`` (``[IPv6]:PORT`` for IPv6) as Go's ``net.SplitHostPort``.
 
     An empty host means every interface when listening; an empty address,
-    :data:`DEFAULT_ADDRESS`, as the original's ``-addr ""``.
+    :data:`DEFAULT_ADDRESS` (the command line refuses an empty ``--addr``
+    before it gets here: a script that lost its variable should not reach
+    the default server).
 
     :raises ValueError: with a message saying what is wrong.
     """
