@@ -8,7 +8,7 @@ directly, with no socket at all.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable, Iterator, Optional
 
 from twisted.application import service
@@ -31,10 +31,11 @@ from mqmq.queue import MessageQueue
 
 #: Work done in one turn of the reactor while building a large ``Info``:
 #: at most this many queues' entries, or this many bytes of JSON.  Measured
-#: on the README's machine: 1,000 short-named entries take about 1 ms, and
-#: 256 KiB of escaped invalid-UTF-8 names about 3 ms.
-INFO_SLICE_QUEUES = 1000
-INFO_SLICE_BYTES = 256 * 1024
+#: (``python benchmarks/info_attack.py``, and per entry in-process): plain
+#: ASCII names cost about 1 us an entry, accented or invalid UTF-8 ones up to
+#: 10 us an entry and 45 us a KiB, so a slice takes a few milliseconds at most.
+INFO_SLICE_QUEUES = 500
+INFO_SLICE_BYTES = 64 * 1024
 
 # The shortest possible Info: no queue, every count a single digit.
 _INFO_FIXED_BYTES = len(encode_info_header(0, 0, 0)) + len(INFO_END)
@@ -111,10 +112,12 @@ class Broker(service.Service):
         # Bytes of all queue names: with it, Info's least possible size is
         # known without encoding anything.
         self._names_bytes = 0
-        # Queues that may hold nothing (no messages, no waiters), least
-        # recently used first: the ones forgotten to make room for a new queue
-        # at --max-queues.  A queue in use again stays listed until then.
-        self._idle: dict[bytes, None] = {}
+        # Queues that hold nothing (no messages, no waiters), least recently
+        # used first: the ones forgotten to make room for a new queue at
+        # --max-queues.  A queue leaves it as soon as it holds something.
+        # (An OrderedDict: taking from the front of a plain dict, again and
+        # again, rescans the slots freed before: 100,000 queues took 5 s.)
+        self._idle: OrderedDict[bytes, None] = OrderedDict()
         #: Messages held across all queues.
         self.num_messages = 0
         #: Bytes of message payload held across all queues.
@@ -142,15 +145,13 @@ class Broker(service.Service):
             queue = self._queues[name] = MessageQueue(name)
             insort(self._sorted_names, name)
             self._names_bytes += len(name)
-            self._idle[name] = None
         return queue
 
     def _forget_an_idle_queue(self) -> bool:
         """Forget the least recently used queue that holds nothing, if any."""
         idle = self._idle
         while idle:
-            name = next(iter(idle))
-            del idle[name]
+            name, _ = idle.popitem(last=False)
             queue = self._queues[name]
             if not queue and not queue.waiters:
                 del self._queues[name]
@@ -161,9 +162,11 @@ class Broker(service.Service):
 
     def _touch_idle(self, queue: MessageQueue) -> None:
         # Moved to the end: the most recently used of the idle queues.
-        name = queue.name
-        self._idle.pop(name, None)
-        self._idle[name] = None
+        idle = self._idle
+        if queue.name in idle:
+            idle.move_to_end(queue.name)
+        else:
+            idle[queue.name] = None
 
     def _check_room(self, message: bytes) -> None:
         limits = self.limits
@@ -214,6 +217,8 @@ class Broker(service.Service):
         self._offer(self._queue(queue_name, limited=False), message, front=True)
 
     def _store(self, queue: MessageQueue, message: bytes, front: bool) -> None:
+        if not queue:
+            self._idle.pop(queue.name, None)
         if front:
             queue.push_front(message)
         else:
@@ -294,6 +299,7 @@ class Broker(service.Service):
         """
         _check_name(queue_name)
         queue = self._queue(queue_name)
+        self._idle.pop(queue_name, None)
         waiter = Waiter(self, queue, present)
         queue.add_waiter(waiter)
         waiter.timer = self.clock.callLater(timeout, waiter._time_out, timeout)
@@ -339,10 +345,12 @@ class Broker(service.Service):
             + entries + INFO_END
         )
 
-    def build_info(self, max_bytes: int) -> defer.Deferred[bytes]:
+    def build_info(self, max_bytes: int) -> defer.Deferred[list[bytes]]:
         """The ``Info`` reply body, built a slice per turn of the reactor.
 
-        Fires at once when one slice holds it all.  A larger one is built over
+        Fires with the body in pieces (of about :data:`INFO_SLICE_BYTES`
+        each, so that no one copy of it all is made), at once when one slice
+        holds it all.  A larger one is built over
         several turns so that no other client waits long: each queue's count
         is the one at the moment its entry was made, ``NumMessages`` their sum.
         Fails with ``RequestError`` (``SERVER_INFO_TOO_LARGE``) when the body
@@ -378,26 +386,28 @@ class _InfoBuild:
     def __init__(self, broker: Broker, max_bytes: int) -> None:
         self.broker = broker
         self.max_bytes = max_bytes
-        self.entries: list[bytes] = []
+        # Each slice's entries, joined, after a comma but for the first.
+        self.pieces: list[bytes] = []
+        self.num_queues = 0
         self.size = _INFO_FIXED_BYTES
         self.num_messages = 0
         # The last name written: the next slice starts after it, so queues
         # added or forgotten meanwhile shift nothing.
         self.after: Optional[bytes] = None
         self.timer: Optional[IDelayedCall] = None
-        self.deferred: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+        self.deferred: defer.Deferred[list[bytes]] = defer.Deferred(self._cancel)
         self._step()
 
-    def _cancel(self, _deferred: defer.Deferred[bytes]) -> None:
+    def _cancel(self, _deferred: defer.Deferred[list[bytes]]) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.entries = []
+        self.pieces = []
 
     def _step(self) -> None:
         self.timer = None
         names = self.broker._sorted_names
         queues = self.broker._queues
-        entries = self.entries
+        entries: list[bytes] = []
         start = 0 if self.after is None else bisect_right(names, self.after)
         stop = min(len(names), start + INFO_SLICE_QUEUES)
         slice_bytes = 0
@@ -410,19 +420,22 @@ class _InfoBuild:
             slice_bytes += len(entry) + 1
             self.num_messages += count
             index += 1
+        if entries:
+            self.pieces.append((b"," if self.pieces else b"") + b",".join(entries))
+            self.num_queues += len(entries)
         self.size += slice_bytes
         if self.size - 1 > self.max_bytes:
-            self.entries = []
+            self.pieces = []
             self.deferred.errback(_info_too_large(f"over {self.size - 1} bytes", self.max_bytes))
             return
         if index < len(names):
             self.after = names[index - 1]
             self.timer = self.broker.clock.callLater(0, self._step)
             return
-        header = encode_info_header(self.broker.num_connections, len(entries), self.num_messages)
-        body = header + b",".join(entries) + INFO_END
-        self.entries = []
-        if len(body) > self.max_bytes:
-            self.deferred.errback(_info_too_large(f"{len(body)} bytes", self.max_bytes))
+        header = encode_info_header(self.broker.num_connections, self.num_queues, self.num_messages)
+        pieces, self.pieces = [header, *self.pieces, INFO_END], []
+        size = sum(map(len, pieces))
+        if size > self.max_bytes:
+            self.deferred.errback(_info_too_large(f"{size} bytes", self.max_bytes))
         else:
-            self.deferred.callback(body)
+            self.deferred.callback(pieces)

@@ -7,6 +7,7 @@ from struct import Struct
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -26,6 +27,10 @@ _UINT32 = Struct(">I")
 _OK_FRAME = encode_frame([OK])
 _TIMEOUT_FRAME = encode_frame([TIMEOUT])
 _INFO_REPLY_PREFIX = _UINT32.pack(2) + OK
+
+#: Info replies up to this size are written at once; larger ones a piece at
+#: a time, as the transport takes them.
+INFO_WHOLE_BYTES = 64 * 1024
 
 #: Seconds between checks that a peer we have stopped reading from is still there.
 LIVENESS_INTERVAL = 1.0
@@ -49,9 +54,12 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.limits = broker.limits
         self.MAX_LENGTH = max(MAX_FRAME_LENGTH, self.limits.max_frame_bytes)
         self._waiting: Optional[defer.Deferred[bytes]] = None
-        # An Info request being answered: waiting its turn, or being built.
-        self._info: Optional[defer.Deferred[bytes]] = None
+        # An Info request being answered: waiting its turn, being built, or
+        # being written a piece at a time as the transport takes them.
+        self._info: Optional[defer.Deferred[list[bytes]]] = None
         self._info_waiting_turn = False
+        self._info_pieces: Optional[deque[bytes]] = None
+        self._info_pieces_bytes = 0
         # Bytes of this connection's last Info reply not yet sent, counted
         # against the factory's Info budget.
         self._info_unsent = 0
@@ -84,8 +92,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # A message whose reply the peer never received was never handed
         # over: it goes back to the front of its queue, in order.
-        for queue, message in reversed(self._out.undelivered()):
-            self.broker.put_back(queue, message)
+        self._out.settle(self.broker.clock, reason.check(ConnectionAborted) is not None,
+                         self._put_back)
         self.broker.num_connections -= 1
         self.factory.connections.discard(self)
         self._closing = True
@@ -98,8 +106,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.factory.end_info_turn(self)
         if self._info is not None:
             self._info.cancel()
+        self._info_pieces = None
         self._set_info_unsent(0)
         super().connectionLost(reason)
+
+    def _put_back(self, undelivered: list[tuple[bytes, bytes]]) -> None:
+        for queue, message in reversed(undelivered):
+            self.broker.put_back(queue, message)
 
     @property
     def _peer(self) -> str:
@@ -129,7 +142,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     @property
     def _answering(self) -> bool:
         """True while a request waits for its answer, holding up those behind it."""
-        return self._waiting is not None or self._info is not None or self._info_waiting_turn
+        return (
+            self._waiting is not None or self._info is not None or self._info_waiting_turn
+            or self._info_pieces is not None
+        )
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -145,7 +161,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self.paused = False
-        if self._info_unsent:
+        if self._info_pieces is not None:
+            self._write_info_pieces()
+        elif self._info_unsent:
             # The transport has sent what it held past its buffer size.
             self._set_info_unsent(min(self._info_unsent, self._out.unsent_bytes()))
         self._update_reading()
@@ -332,15 +350,34 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._info = building
         building.addCallbacks(self._info_built, self._info_failed)
 
-    def _info_built(self, body: bytes) -> None:
+    def _info_built(self, pieces: list[bytes]) -> None:
         self._info = None
         self.factory.end_info_turn(self)
-        # Written as it is: framing it would copy the whole body once more.
-        header = _UINT32.pack(4 + 2 + 4 + len(body)) + _INFO_REPLY_PREFIX + _UINT32.pack(len(body))
-        self._out.write(header, body)
-        written = len(header) + len(body)
-        self._set_info_unsent(min(self._out.unsent_bytes(), self._info_unsent + written))
-        self._end_info()
+        size = sum(map(len, pieces))
+        header = _UINT32.pack(4 + 2 + 4 + size) + _INFO_REPLY_PREFIX + _UINT32.pack(size)
+        if size <= INFO_WHOLE_BYTES:
+            self._out.write(header, *pieces)
+            self._end_info()
+            return
+        self._out.write(header)
+        self._info_pieces = deque(pieces)
+        self._info_pieces_bytes = size
+        self._write_info_pieces()
+
+    def _write_info_pieces(self) -> None:
+        # A piece at a time while the transport takes them: handed over
+        # whole, Twisted would copy tens of megabytes at once, stalling
+        # every client, and keep the copy.
+        pieces = self._info_pieces
+        assert pieces is not None
+        while pieces and not self.paused:
+            piece = pieces.popleft()
+            self._info_pieces_bytes -= len(piece)
+            self._out.write(piece)
+        self._set_info_unsent(self._info_pieces_bytes + self._out.unsent_bytes())
+        if not pieces:
+            self._info_pieces = None
+            self._end_info()
 
     def _info_failed(self, failure: Failure) -> None:
         self._info = None

@@ -202,10 +202,12 @@ class Options(VersionOption, usage.Options):
 
 
 def _allow_open_files(count: int) -> None:
-    # Each connection is a file descriptor; the usual soft limit of 1024
-    # would refuse connections long before --max-connections does.
+    # Each TCP connection is two file descriptors (the second tells, after
+    # the connection broke, which replies the peer acknowledged: see
+    # mqmq.writer); the usual soft limit of 1024 would refuse connections
+    # long before --max-connections does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = count + 64 if count else hard
+    wanted = 2 * count + 64 if count else hard
     if soft != resource.RLIM_INFINITY and soft < wanted:
         ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))

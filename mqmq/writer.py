@@ -26,7 +26,9 @@ import socket
 import sys
 from collections import deque
 from struct import Struct
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from twisted.internet.interfaces import IReactorTime
 
 from twisted.internet import tcp
 
@@ -44,17 +46,22 @@ CHECK_ACKED_BYTES = 1024 * 1024
 
 # Linux's struct tcp_info: tcpi_bytes_acked, the bytes the peer has
 # acknowledged (Linux 4.1 and later), is a u64 at offset 120.
-_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_TCP_INFO: int = getattr(socket, "TCP_INFO", 0) if sys.platform.startswith("linux") else 0
 _BYTES_ACKED = Struct("=Q")
 _BYTES_ACKED_OFFSET = 120
 _TCP_INFO_LENGTH = _BYTES_ACKED_OFFSET + _BYTES_ACKED.size
+_TCP_CLOSE = 7
+
+#: After a connection has closed, the longest the writer waits for the peer
+#: to acknowledge replies still in flight before it counts them undelivered.
+SETTLE_SECONDS = 30.0
 
 
 def _acked_bytes_probe(handle: socket.socket) -> Optional[socket.socket]:
     """A second handle on a TCP socket that can tell how many bytes the peer
     acknowledged, even after Twisted has closed the first; None where the
     kernel cannot tell."""
-    if _TCP_INFO is None or handle.family not in (socket.AF_INET, socket.AF_INET6):
+    if not _TCP_INFO or handle.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
         if len(handle.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)) < _TCP_INFO_LENGTH:
@@ -127,18 +134,54 @@ class ReplyWriter:
         while unflushed and unflushed[0][0] <= delivered:
             self._unflushed_bytes -= len(unflushed.popleft()[2])
 
-    def undelivered(self) -> list[tuple[bytes, bytes]]:
-        """(queue, message) of each message the peer did not receive all of,
-        oldest first: after a lost connection, they were never handed over.
+    def settle(
+        self,
+        clock: IReactorTime,
+        aborted: bool,
+        put_back: Callable[[list[tuple[bytes, bytes]]], None],
+    ) -> None:
+        """Once the connection has been lost: call ``put_back`` with (queue,
+        message) of each message the peer never received all of, oldest first.
 
-        Called once, when the connection has been lost.
+        At once where the fate of every reply is known: the peer acknowledged
+        it, or it never reached the kernel, or the connection was reset or
+        aborted (which discards what the kernel still holds).  After an
+        orderly close the kernel goes on sending what it holds, so replies in
+        flight are waited for, up to :data:`SETTLE_SECONDS`.
         """
         if self._socket is None:
+            return
+        flushed = self._written - self.unsent_bytes()
+        probe, self._probe = self._probe, None
+        if probe is None:
+            put_back(self._undelivered(flushed))
+            return
+        give_up = clock.seconds() + SETTLE_SECONDS
+
+        def check(delay: float) -> None:
+            try:
+                info = probe.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+                state = info[0]
+                acked = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)[0]
+            except OSError:
+                state, acked = _TCP_CLOSE, 0
+            in_flight = flushed > acked and self._unflushed and self._unflushed[-1][0] > acked
+            if in_flight and not aborted and state != _TCP_CLOSE and clock.seconds() < give_up:
+                clock.callLater(delay, check, min(2 * delay, 1.0))
+                return
+            probe.close()
+            put_back(self._undelivered(min(flushed, acked)))
+
+        check(0.001)
+
+    def undelivered(self) -> list[tuple[bytes, bytes]]:
+        """(queue, message) of each message the peer has not yet received all
+        of (on TCP; elsewhere, whose reply has not all reached the kernel)."""
+        if self._socket is None:
             return []
-        delivered = self._delivered()
-        if self._probe is not None:
-            self._probe.close()
-            self._probe = None
+        return self._undelivered(self._delivered())
+
+    def _undelivered(self, delivered: int) -> list[tuple[bytes, bytes]]:
         return [(queue, message) for end, queue, message in self._unflushed if end > delivered]
 
     def unsent_bytes(self) -> int:

@@ -350,7 +350,9 @@ def check_replies(world: World, acked: Counter[bytes], carried: Counter[bytes]) 
     for client in world.clients:
         assert client.transport is not None
         replies, rest = decode_frames(client.transport.value())
-        assert rest == b""
+        # A large Info reply is written a piece at a time as the peer reads:
+        # a connection lost meanwhile ends with the start of that frame.
+        assert rest == b"" or rest[4:12] == b"\x00\x00\x00\x02OK\x00\x00", rest[:12]
         if client.requests is None:
             for reply in replies:
                 assert reply[0] in (OK, ERROR, TIMEOUT), reply

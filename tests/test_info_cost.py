@@ -95,15 +95,15 @@ def test_a_hopelessly_large_info_is_refused_without_building_it(
 
 def test_a_large_info_is_built_a_slice_per_reactor_turn_and_holds_up_what_follows() -> None:
     server = Server()
-    make_queues(server, 2500)
+    slices = 3
+    make_queues(server, broker_module.INFO_SLICE_QUEUES * (slices - 1) + 1)
     expected = server.broker.info_json()
     conn = server.connect()
     conn.send([b"Info"], [b"Get", b"00000000qqqqqqqq"])
-    # Three slices of 1,000 queues at most: nothing is answered yet.
-    assert conn.replies() == []
-    one_turn(server)
-    assert conn.replies() == []
-    one_turn(server)
+    # One slice a turn: nothing is answered until the last.
+    for _ in range(slices - 1):
+        assert conn.replies() == []
+        one_turn(server)
     (info,) = conn.replies()
     # Connections are counted at the end; nothing else changed meanwhile.
     assert info == [b"OK", expected.replace(b'"NumConnections":0', b'"NumConnections":1')]
@@ -131,7 +131,7 @@ def test_a_slice_is_bounded_by_bytes_too(monkeypatch: pytest.MonkeyPatch) -> Non
     while not conn.replies():
         one_turn(server)
         turns += 1
-    # Each entry is about 6 KiB; a slice stops once past 256 KiB.
+    # Each entry is about 6 KiB; a slice stops once past INFO_SLICE_BYTES.
     per_slice = broker_module.INFO_SLICE_BYTES // entries[0] + 1
     assert turns == -(-200 // per_slice)
     assert len(entries) == 200
