@@ -339,6 +339,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     # as behind a waiting Get.
 
     def _ask_info(self) -> None:
+        # Waiting for a reply, or reading a long one, is not being idle.
+        self.setTimeout(None)
         self._info_waiting_turn = True
         self.factory.take_info_turn(self)
 
@@ -353,6 +355,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _info_built(self, pieces: list[bytes]) -> None:
         self._info = None
         self.factory.end_info_turn(self)
+        if self._closing:
+            return
         size = sum(map(len, pieces))
         header = _UINT32.pack(4 + 2 + 4 + size) + _INFO_REPLY_PREFIX + _UINT32.pack(size)
         if size <= INFO_WHOLE_BYTES:
@@ -370,7 +374,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # every client, and keep the copy.
         pieces = self._info_pieces
         assert pieces is not None
-        while pieces and not self.paused:
+        while pieces and not self.paused and not self._closing:
             piece = pieces.popleft()
             self._info_pieces_bytes -= len(piece)
             self._out.write(piece)
@@ -395,6 +399,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _end_info(self) -> None:
         if self._closing:
             return
+        self.setTimeout(self.limits.idle_timeout or None)
         self._update_reading()
         # Answered from within our own parsing, the loop goes on by itself;
         # otherwise (a later turn, another connection's doing) go on from the
