@@ -12,11 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import AsyncIterator, Callable, Iterator, Optional, Union
 
 import pytest
+import pytest_twisted  # type: ignore[import-untyped]
 from hypothesis import settings
+from twisted.internet import reactor
 
+from mqmq.service import MQService
 from support import read_exactly
 
 # Machines are shared and noisy: no per-example time limit, which would fail
@@ -234,3 +237,15 @@ def stop(process: subprocess.Popen, signal_number: int) -> int:
         return process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pytest.fail(f"process still running 5 s after signal {signal_number}")
+
+
+@pytest_twisted.async_yield_fixture
+async def loopback_service() -> AsyncIterator[MQService]:
+    """A server in this process, on the global reactor, on a loopback port
+    the system chose (``service.ports[0].getHost().port``)."""
+    service = MQService(reactor, ["tcp:0:interface=127.0.0.1"])
+    service.startService()
+    try:
+        yield service
+    finally:
+        await service.stopService()

@@ -402,15 +402,6 @@ def test_peer_has_gone_reads_the_kernel_state_of_a_tcp_socket() -> None:
 # -- over loopback TCP ----------------------------------------------------------------
 
 
-@pytest_twisted.async_yield_fixture
-async def service() -> AsyncIterator[MQService]:
-    service = MQService(reactor, ["tcp:0:interface=127.0.0.1"])
-    service.startService()
-    try:
-        yield service
-    finally:
-        await service.stopService()
-
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
     """Let the reactor run until ``condition()`` holds."""
@@ -452,7 +443,10 @@ def server_write_buffer(protocol: MQServerProtocol) -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_stops_reading_gets_the_server_to_stop_too(service: MQService) -> None:
+async def test_a_client_that_stops_reading_gets_the_server_to_stop_too(
+    loopback_service: MQService,
+) -> None:
+    service = loopback_service
     queues = 2000
     pairs = 2000
     broker = service.broker

@@ -111,15 +111,6 @@ def test_a_taken_port_fails_the_start_at_once() -> None:
 # -- over real loopback ------------------------------------------------------------
 
 
-@pytest_twisted.async_yield_fixture
-async def running() -> AsyncIterator[MQService]:
-    service = MQService(reactor, ["tcp:0:interface=127.0.0.1"])
-    service.startService()
-    try:
-        yield service
-    finally:
-        await service.stopService()
-
 
 def server_side(service: MQService) -> MQServerProtocol:
     (protocol,) = service.factory.connections
@@ -128,7 +119,8 @@ def server_side(service: MQService) -> MQServerProtocol:
 
 
 @pytest_twisted.ensureDeferred
-async def test_server_connections_have_tcp_nodelay(running: MQService) -> None:
+async def test_server_connections_have_tcp_nodelay(loopback_service: MQService) -> None:
+    running = loopback_service
     port = running.ports[0].getHost().port  # type: ignore[attr-defined]
     client = await connect(reactor, f"127.0.0.1:{port}")
     try:
