@@ -164,8 +164,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if self._info_pieces is not None:
             self._write_info_pieces()
         elif self._info_unsent:
-            # The transport has sent what it held past its buffer size.
-            self._set_info_unsent(min(self._info_unsent, self._out.unsent_bytes()))
+            # The transport has sent all it held.
+            self._set_info_unsent(0)
         self._update_reading()
         self._parse_buffered()
 
@@ -378,7 +378,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             piece = pieces.popleft()
             self._info_pieces_bytes -= len(piece)
             self._out.write(piece)
-        self._set_info_unsent(self._info_pieces_bytes + self._out.unsent_bytes())
+        if pieces or self.paused:
+            # The transport will resume us once it has sent what it holds.
+            self._set_info_unsent(self._info_pieces_bytes + self._out.unsent_bytes())
+        else:
+            # Less than its buffer size is left, and no word will come when
+            # that is sent: it is no longer counted.
+            self._set_info_unsent(0)
         if not pieces:
             self._info_pieces = None
             self._end_info()
