@@ -200,8 +200,12 @@ class Broker(service.Service):
             self._check_room(message)
         queue = self._queue(queue_name)
         if not queue.waiters and self._offers is None:
-            # The common case: nobody waits; no hand-over loop to enter.
-            self._store(queue, message, front=False)
+            # The common case, inline: nobody waits, no hand-over loop to enter.
+            if not queue:
+                self._idle.pop(queue_name, None)
+            queue.push(message)
+            self.num_messages += 1
+            self.num_bytes += len(message)
             return
         self._offer(queue, message, front=False)
 

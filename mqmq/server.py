@@ -58,6 +58,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # being written a piece at a time as the transport takes them.
         self._info: Optional[defer.Deferred[list[bytes]]] = None
         self._info_waiting_turn = False
+        # From an Info request until its reply is all written.
+        self._info_busy = False
         self._info_pieces: Optional[deque[bytes]] = None
         self._info_pieces_bytes = 0
         # Bytes of this connection's last Info reply not yet sent, counted
@@ -137,15 +139,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     @property
     def holding(self) -> bool:
-        return self._closing or self.paused or self._answering
+        # Asked after every request: kept to plain attributes.
+        return self._closing or self.paused or self._waiting is not None or self._info_busy
 
     @property
     def _answering(self) -> bool:
         """True while a request waits for its answer, holding up those behind it."""
-        return (
-            self._waiting is not None or self._info is not None or self._info_waiting_turn
-            or self._info_pieces is not None
-        )
+        return self._waiting is not None or self._info_busy
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -341,6 +341,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _ask_info(self) -> None:
         # Waiting for a reply, or reading a long one, is not being idle.
         self.setTimeout(None)
+        self._info_busy = True
         self._info_waiting_turn = True
         self.factory.take_info_turn(self)
 
@@ -403,6 +404,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._end_info()
 
     def _end_info(self) -> None:
+        self._info_busy = False
         if self._closing:
             return
         self.setTimeout(self.limits.idle_timeout or None)
