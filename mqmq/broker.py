@@ -127,7 +127,7 @@ class Broker(service.Service):
         # Messages being handed to waiters.  A waiter's callback may put a
         # message back (its consumer turned out gone); that one waits here for
         # the loop in _offer instead of recursing, one frame per waiter.
-        self._offers: Optional[deque[tuple[MessageQueue, bytes, bool]]] = None
+        self._offers: Optional[deque[tuple[bytes, tuple[bytes, ...], bool]]] = None
 
     # Queues ----------------------------------------------------------------
 
@@ -207,18 +207,20 @@ class Broker(service.Service):
             self.num_messages += 1
             self.num_bytes += len(message)
             return
-        self._offer(queue, message, front=False)
+        self._offer(queue_name, (message,), front=False)
 
-    def put_back(self, queue_name: bytes, message: bytes) -> None:
-        """Return a message that could not be delivered to the front of its queue.
+    def put_back(self, queue_name: bytes, *messages: bytes) -> None:
+        """Return messages that could not be delivered, oldest first, to the
+        front of their queue, in their order.
 
-        A waiting ``get`` takes it at once, as it would a new message.  Limits
-        do not apply: the message was already accepted.
+        Waiting ``get``s take them at once, the oldest first, as they would new
+        messages.  Limits do not apply: the messages were already accepted.
+        Their queue comes back if it was forgotten meanwhile, whatever
+        ``--max-queues`` says, rather than lose them.
         """
         _check_name(queue_name)
-        # Its queue may have been forgotten meanwhile; it comes back whatever
-        # --max-queues says, rather than lose an accepted message.
-        self._offer(self._queue(queue_name, limited=False), message, front=True)
+        if messages:
+            self._offer(queue_name, messages, front=True)
 
     def _store(self, queue: MessageQueue, message: bytes, front: bool) -> None:
         if not queue:
@@ -230,44 +232,65 @@ class Broker(service.Service):
         self.num_messages += 1
         self.num_bytes += len(message)
 
-    def _offer(self, queue: MessageQueue, message: bytes, front: bool) -> None:
-        """Hand a message to the oldest waiter still there, or store it."""
+    def _offer(self, queue_name: bytes, messages: tuple[bytes, ...], front: bool) -> None:
+        """Hand messages to the oldest waiters still there, and keep the rest."""
         offers = self._offers
         if offers is not None:
-            # From a waiter's callback, inside the loop below: it goes next.
-            offers.append((queue, message, front))
+            # From a waiter's callback, inside the loop below: they go next.
+            offers.append((queue_name, messages, front))
             return
-        self._offers = offers = deque([(queue, message, front)])
+        self._offers = offers = deque([(queue_name, messages, front)])
+        handed = [0]
         try:
             while offers:
-                queue, message, front = offers[0]
-                self._hand_over(queue, message, front)
+                queue_name, messages, front = offers[0]
+                handed[0] = 0
+                self._hand_over(queue_name, messages, front, handed)
                 offers.popleft()
         finally:
             self._offers = None
             # Only if something raised: no message is dropped on the way.
-            for queue, message, front in offers:
-                self._store(queue, message, front)
+            if offers:
+                queue_name, messages, front = offers.popleft()
+                offers.appendleft((queue_name, messages[handed[0]:], front))
+            for queue_name, messages, front in offers:
+                self._keep(queue_name, messages, front)
 
-    def _hand_over(self, queue: MessageQueue, message: bytes, front: bool) -> None:
-        # A loop, not recursion: thousands of departed waiters are passed over
-        # in one frame.
-        while True:
-            waiter = queue.pop_waiter()
+    def _hand_over(
+        self, queue_name: bytes, messages: tuple[bytes, ...], front: bool, handed: list[int]
+    ) -> None:
+        for index, message in enumerate(messages):
+            waiter = self._next_waiter(queue_name)
             if waiter is None:
-                self._store(queue, message, front)
+                self._keep(queue_name, messages[index:], front)
                 return
+            handed[0] = index + 1
+            waiter.deferred.callback(message)
+
+    def _keep(self, queue_name: bytes, messages: tuple[bytes, ...], front: bool) -> None:
+        # Looked up afresh: a callback may have let the queue be forgotten.
+        queue = self._queue(queue_name, limited=False)
+        for message in reversed(messages) if front else messages:
+            self._store(queue, message, front)
+
+    def _next_waiter(self, queue_name: bytes) -> Optional[Waiter]:
+        """The longest waiting ``get`` whose consumer is still there, if any.
+
+        A loop, not recursion: thousands of departed waiters are passed over
+        (each failing with ConsumerGone) in one frame.
+        """
+        while True:
+            queue = self._queues.get(queue_name)
+            waiter = queue.pop_waiter() if queue is not None else None
+            if queue is None or waiter is None:
+                return None
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
-            if waiter._consumer_gone():
-                if not queue.waiters:
-                    self._touch_idle(queue)
-                waiter.deferred.errback(ConsumerGone("the consumer went away while it waited"))
-                continue
             if not queue.waiters:
                 self._touch_idle(queue)
-            waiter.deferred.callback(message)
-            return
+            if not waiter._consumer_gone():
+                return waiter
+            waiter.deferred.errback(ConsumerGone("the consumer went away while it waited"))
 
     # Messages out ----------------------------------------------------------
 
@@ -360,10 +383,20 @@ class Broker(service.Service):
         Fails with ``RequestError`` (``SERVER_INFO_TOO_LARGE``) when the body
         would pass ``max_bytes``; cancelling stops the build.
         """
+        try:
+            self.check_info_size(max_bytes)
+        except errors.RequestError:
+            return defer.fail()
+        return _InfoBuild(self, max_bytes).deferred
+
+    def check_info_size(self, max_bytes: int) -> None:
+        """Refuse an ``Info`` that its queue names alone make larger than ``max_bytes``.
+
+        :raises RequestError: ``SERVER_INFO_TOO_LARGE``.
+        """
         least = self.least_info_bytes()
         if least > max_bytes:
-            return defer.fail(_info_too_large(f"at least {least} bytes", max_bytes))
-        return _InfoBuild(self, max_bytes).deferred
+            raise _info_too_large(f"at least {least} bytes", max_bytes)
 
     def info(self) -> ServerInfo:
         """A snapshot of connections, queues and messages."""

@@ -21,7 +21,7 @@ from mqmq.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
 from mqmq.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
 from mqmq.framing import FrameReceiver
 from mqmq.liveness import peer_has_gone
-from mqmq.writer import ReplyWriter
+from mqmq.writer import ReplyWriter, Settlement
 
 _UINT32 = Struct(">I")
 _OK_FRAME = encode_frame([OK])
@@ -31,6 +31,10 @@ _INFO_REPLY_PREFIX = _UINT32.pack(2) + OK
 #: Info replies up to this size are written at once; larger ones a piece at
 #: a time, as the transport takes them.
 INFO_WHOLE_BYTES = 64 * 1024
+
+#: Seconds a client may go without reading any of an unsent Info reply
+#: before it is dropped, releasing what it holds of the Info budget.
+INFO_STALL_SECONDS = 60.0
 
 #: Seconds between checks that a peer we have stopped reading from is still there.
 LIVENESS_INTERVAL = 1.0
@@ -65,6 +69,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # Bytes of this connection's last Info reply not yet sent, counted
         # against the factory's Info budget.
         self._info_unsent = 0
+        self._info_stall: Optional[IDelayedCall] = None
         self._parsing = False
         self._closing = False
         self._reading = True
@@ -92,29 +97,43 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.setTimeout(self.limits.idle_timeout or None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        # A message whose reply the peer never received was never handed
-        # over: it goes back to the front of its queue, in order.
-        self._out.settle(self.broker.clock, reason.check(ConnectionAborted) is not None,
-                         self._put_back)
         self.broker.num_connections -= 1
         self.factory.connections.discard(self)
         self._closing = True
-        self.setTimeout(None)
-        if self._liveness_check is not None and self._liveness_check.active():
-            self._liveness_check.cancel()
-        if self._waiting is not None:
-            # Withdraws the waiter: a departed consumer never takes a message.
-            self._waiting.cancel()
-        self.factory.end_info_turn(self)
-        if self._info is not None:
-            self._info.cancel()
-        self._info_pieces = None
-        self._set_info_unsent(0)
-        super().connectionLost(reason)
+        try:
+            self.setTimeout(None)
+            if self._liveness_check is not None and self._liveness_check.active():
+                self._liveness_check.cancel()
+            if self._waiting is not None:
+                # Withdraws the waiter: a departed consumer never takes a message.
+                self._waiting.cancel()
+            if self._info_busy:
+                self.factory.end_info_turn(self)
+                if self._info is not None:
+                    self._info.cancel()
+                self._info_pieces = None
+            self._set_info_unsent(0)
+        finally:
+            # Last, once this connection can take nothing more: a message
+            # whose reply the peer never received was never handed over, and
+            # goes back to the front of its queue, in order.
+            settling = self._out.settle(
+                self.broker.clock, reason.check(ConnectionAborted) is not None, self._put_back
+            )
+            if settling is not None:
+                self.factory.settle_later(settling)
+            super().connectionLost(reason)
+
+    def _info_stalled(self) -> None:
+        self._info_stall = None
+        self._abort(f"it read nothing of its Info reply for {INFO_STALL_SECONDS:g} s")
 
     def _put_back(self, undelivered: list[tuple[bytes, bytes]]) -> None:
-        for queue, message in reversed(undelivered):
-            self.broker.put_back(queue, message)
+        by_queue: dict[bytes, list[bytes]] = {}
+        for queue, message in undelivered:
+            by_queue.setdefault(queue, []).append(message)
+        for queue, messages in by_queue.items():
+            self.broker.put_back(queue, *messages)
 
     @property
     def _peer(self) -> str:
@@ -161,6 +180,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        if self._info_stall is not None:
+            # The peer reads its Info reply: it has another while to go on.
+            self._info_stall.reset(INFO_STALL_SECONDS)
         if self._info_pieces is not None:
             self._write_info_pieces()
         elif self._info_unsent:
@@ -339,6 +361,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     # as behind a waiting Get.
 
     def _ask_info(self) -> None:
+        # Refused at once, not after waiting its turn, when it cannot fit.
+        self.broker.check_info_size(self.limits.max_info_bytes)
         # Waiting for a reply, or reading a long one, is not being idle.
         self.setTimeout(None)
         self._info_busy = True
@@ -420,6 +444,14 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if unsent == before:
             return
         self._info_unsent = unsent
+        # A client that asks for a large Info and reads none of it would hold
+        # the factory's Info budget, and with it everyone's Info, for good.
+        if unsent and self._info_stall is None and not self._closing:
+            self._info_stall = self.broker.clock.callLater(INFO_STALL_SECONDS, self._info_stalled)
+        elif not unsent and self._info_stall is not None:
+            if self._info_stall.active():
+                self._info_stall.cancel()
+            self._info_stall = None
         self.factory.info_unsent_bytes += unsent - before
         if unsent < before:
             self.factory.next_info_turn()
@@ -445,6 +477,7 @@ class MQServerFactory(Factory[MQServerProtocol]):
         self._info_turns: deque[MQServerProtocol] = deque()
         self._info_building: Optional[MQServerProtocol] = None
         self._starting_info_turns = False
+        self._settling: set[Settlement] = set()
 
     def take_info_turn(self, protocol: MQServerProtocol) -> None:
         """Queue a connection's Info; it starts when none is being built and
@@ -487,6 +520,11 @@ class MQServerFactory(Factory[MQServerProtocol]):
         protocol.factory = self
         return protocol
 
+    def settle_later(self, settling: Settlement) -> None:
+        """Keep a closed connection's replies in flight until their fate is known."""
+        self._settling.add(settling)
+        settling.done.addCallback(lambda _: self._settling.discard(settling))
+
     def close_connections(self, grace: float = 1.0) -> defer.Deferred[None]:
         """Close every open connection, as a server shutting down does.
 
@@ -509,5 +547,9 @@ class MQServerFactory(Factory[MQServerProtocol]):
         def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
+            # Replies still in flight are decided now with what the kernel
+            # knows: no message stays away from its queue past the stop.
+            for settling in list(self._settling):
+                settling.decide_now()
 
         return closed.addCallback(done)

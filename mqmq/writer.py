@@ -12,7 +12,8 @@ exactly as Twisted's.
 It also knows how far the bytes written have got: a message whose reply
 the peer never acknowledged (on TCP; elsewhere, that never all reached the
 kernel) when the connection broke was never handed over, and
-:meth:`ReplyWriter.undelivered` names it so the server can put it back.
+:meth:`ReplyWriter.settle` names it, once the kernel knows, so the server
+can put it back.
 
 Measured with ``benchmarks/bench.py --workloads pipelined,fan --runs 3`` on
 the 2-core VM of the README: fan 48,800 → 71,300 messages/s, pipelined
@@ -28,7 +29,8 @@ from collections import deque
 from struct import Struct
 from typing import Any, Callable, Optional
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted.internet import tcp
 
@@ -53,6 +55,7 @@ _BYTES_ACKED = Struct("=Q")
 _BYTES_ACKED_OFFSET = 120
 _TCP_INFO_LENGTH = _BYTES_ACKED_OFFSET + _BYTES_ACKED.size
 _TCP_CLOSE = 7
+_LINGER_RESET = Struct("ii").pack(1, 0)
 
 #: After a connection has closed, the longest the writer waits for the peer
 #: to acknowledge replies still in flight before it counts them undelivered.
@@ -78,7 +81,7 @@ class ReplyWriter:
 
     __slots__ = (
         "transport", "_socket", "_probe", "_batch", "_batch_bytes", "_written",
-        "_unflushed", "_unflushed_bytes", "_since_check", "_since_check_bytes",
+        "_unflushed", "_since_check", "_since_check_bytes",
     )
 
     def __init__(self, transport: Any) -> None:
@@ -93,7 +96,6 @@ class ReplyWriter:
         # is known to have reached the kernel: (end, queue, message).
         self._written = 0
         self._unflushed: deque[tuple[int, bytes, bytes]] = deque()
-        self._unflushed_bytes = 0
         self._since_check = 0
         self._since_check_bytes = 0
         # Reaching the kernel is not reaching the peer: a consumer gone
@@ -128,7 +130,6 @@ class ReplyWriter:
         self.write(*parts)
         if self._socket is not None:
             self._unflushed.append((self._written, queue, message))
-            self._unflushed_bytes += len(message)
             self._since_check += 1
             self._since_check_bytes += len(message)
             if self._since_check > CHECK_ACKED_MESSAGES or self._since_check_bytes > CHECK_ACKED_BYTES:
@@ -138,47 +139,38 @@ class ReplyWriter:
     def _forget_delivered(self, delivered: int) -> None:
         unflushed = self._unflushed
         while unflushed and unflushed[0][0] <= delivered:
-            self._unflushed_bytes -= len(unflushed.popleft()[2])
+            unflushed.popleft()
 
     def settle(
         self,
         clock: IReactorTime,
         aborted: bool,
         put_back: Callable[[list[tuple[bytes, bytes]]], None],
-    ) -> None:
+    ) -> Optional[Settlement]:
         """Once the connection has been lost: call ``put_back`` with (queue,
         message) of each message the peer never received all of, oldest first.
 
         At once where the fate of every reply is known: the peer acknowledged
-        it, or it never reached the kernel, or the connection was reset or
-        aborted (which discards what the kernel still holds).  After an
-        orderly close the kernel goes on sending what it holds, so replies in
-        flight are waited for, up to :data:`SETTLE_SECONDS`.
+        it, or it never all reached the kernel, or the connection was reset or
+        aborted (which discards what the kernel still holds); then None is
+        returned.  After an orderly close the kernel goes on sending what it
+        holds, so replies in flight are waited for, up to
+        :data:`SETTLE_SECONDS`: the :class:`Settlement` returned then can be
+        made to decide at once.
         """
         if self._socket is None:
-            return
+            return None
         flushed = self._written - self.unsent_bytes()
         probe, self._probe = self._probe, None
         if probe is None:
             put_back(self._undelivered(flushed))
-            return
-        give_up = clock.seconds() + SETTLE_SECONDS
+            return None
+        settlement = Settlement(clock, probe, list(self._unflushed), flushed, put_back)
+        settlement.check(decide=aborted)
+        return None if settlement.done.called else settlement
 
-        def check(delay: float) -> None:
-            try:
-                info = probe.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
-                state = info[0]
-                acked = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)[0]
-            except OSError:
-                state, acked = _TCP_CLOSE, 0
-            in_flight = flushed > acked and self._unflushed and self._unflushed[-1][0] > acked
-            if in_flight and not aborted and state != _TCP_CLOSE and clock.seconds() < give_up:
-                clock.callLater(delay, check, min(2 * delay, 1.0))
-                return
-            probe.close()
-            put_back(self._undelivered(min(flushed, acked)))
-
-        check(0.001)
+    def _undelivered(self, delivered: int) -> list[tuple[bytes, bytes]]:
+        return [(queue, message) for end, queue, message in self._unflushed if end > delivered]
 
     def undelivered(self) -> list[tuple[bytes, bytes]]:
         """(queue, message) of each message the peer has not yet received all
@@ -186,9 +178,6 @@ class ReplyWriter:
         if self._socket is None:
             return []
         return self._undelivered(self._delivered())
-
-    def _undelivered(self, delivered: int) -> list[tuple[bytes, bytes]]:
-        return [(queue, message) for end, queue, message in self._unflushed if end > delivered]
 
     def unsent_bytes(self) -> int:
         """Bytes written that the transport still holds (0 where unknown)."""
@@ -253,7 +242,6 @@ class ReplyWriter:
             if self._unflushed and self._probe is None:
                 # Everything written so far is in the kernel's hands.
                 self._unflushed.clear()
-                self._unflushed_bytes = 0
             return
         for index, part in enumerate(parts):
             if sent < len(part):
@@ -263,3 +251,70 @@ class ReplyWriter:
                 transport.writeSequence(rest)
                 return
             sent -= len(part)
+
+
+class Settlement:
+    """The replies of a lost TCP connection that the kernel is still sending.
+
+    Polls the kernel until the peer has acknowledged each of them, or the
+    connection is reset, or :data:`SETTLE_SECONDS` pass, then puts back the
+    messages the peer never received all of.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        probe: socket.socket,
+        entries: list[tuple[int, bytes, bytes]],
+        flushed: int,
+        put_back: Callable[[list[tuple[bytes, bytes]]], None],
+    ) -> None:
+        self.clock = clock
+        self.probe = probe
+        self.entries = entries
+        self.flushed = flushed
+        self.put_back = put_back
+        self.give_up = clock.seconds() + SETTLE_SECONDS
+        self.timer: Optional[IDelayedCall] = None
+        self.delay = 0.001
+        #: Fires once the undelivered messages have been put back.
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def _kernel_says(self) -> tuple[int, int]:
+        try:
+            info = self.probe.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+        except OSError:
+            return _TCP_CLOSE, 0
+        return info[0], _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)[0]
+
+    def check(self, decide: bool = False) -> None:
+        """Decide if the kernel knows each reply's fate (or ``decide``); else look again later."""
+        self.timer = None
+        state, acked = self._kernel_says()
+        # Only a reply all in the kernel's hands may still reach the peer;
+        # one cut short in Twisted's buffer never will.
+        in_flight = any(acked < end <= self.flushed for end, _, _ in self.entries)
+        if in_flight and not decide and state != _TCP_CLOSE and self.clock.seconds() < self.give_up:
+            self.timer = self.clock.callLater(self.delay, self.check)
+            self.delay = min(2 * self.delay, 1.0)
+            return
+        if in_flight and state != _TCP_CLOSE:
+            # Giving up on a peer that has not acknowledged: a reset, so that
+            # what the kernel still holds never reaches it after the message
+            # went back (which would deliver it twice).
+            try:
+                self.probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+            state, acked = self._kernel_says()
+        self.probe.close()
+        delivered = min(self.flushed, acked)
+        self.put_back([(queue, message) for end, queue, message in self.entries if end > delivered])
+        self.done.callback(None)
+
+    def decide_now(self) -> None:
+        """Decide with what the kernel knows now (the server is stopping)."""
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if not self.done.called:
+            self.check(decide=True)

@@ -168,3 +168,35 @@ def test_in_process_waiters_without_a_presence_check_are_served_as_before() -> N
     failure(cancelled, defer.CancelledError)
     broker.put(b"q", b"kept")
     assert broker.take(b"q") == b"kept"
+
+
+def test_messages_put_back_reach_waiting_gets_oldest_first() -> None:
+    broker = Broker(task.Clock())
+    first, second = broker.wait(b"q", 10), broker.wait(b"q", 10)
+    broker.put_back(b"q", b"m1", b"m2", b"m3")
+    assert (success(first), success(second)) == (b"m1", b"m2")
+    # The one left over stays at the front, before anything put later.
+    broker.put(b"q", b"later")
+    assert [broker.take(b"q"), broker.take(b"q")] == [b"m3", b"later"]
+
+
+def test_messages_put_back_with_nobody_waiting_keep_their_order_at_the_front() -> None:
+    broker = Broker(task.Clock())
+    broker.put(b"q", b"newer")
+    broker.put_back(b"q", b"m1", b"m2")
+    assert [broker.take(b"q") for _ in range(3)] == [b"m1", b"m2", b"newer"]
+
+
+def test_a_callback_that_makes_the_queue_forgotten_loses_nothing() -> None:
+    # A waiter's callback makes a new queue at --max-queues, which forgets
+    # the queue the next message was offered on: it must come back.
+    broker = Broker(task.Clock(), Limits(max_queues=1))
+
+    def make_a_queue(message: bytes) -> None:
+        broker.put(b"other", message)
+
+    broker.wait(b"q", 10).addCallback(make_a_queue)
+    broker.put_back(b"q", b"m1", b"m2")
+    assert broker.num_messages == 2
+    assert broker.take(b"other") == b"m1"
+    assert broker.take(b"q") == b"m2"

@@ -183,9 +183,9 @@ class World:
         self.factory = MQServerFactory(self.broker)
         put_back = self.broker.put_back
 
-        def counting_put_back(queue_name: bytes, message: bytes) -> None:
-            self.put_backs += 1
-            put_back(queue_name, message)
+        def counting_put_back(queue_name: bytes, *messages: bytes) -> None:
+            self.put_backs += len(messages)
+            put_back(queue_name, *messages)
 
         self.broker.put_back = counting_put_back  # type: ignore[method-assign]
 

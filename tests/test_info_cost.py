@@ -235,3 +235,35 @@ async def test_an_info_read_as_it_comes_frees_the_budget(budget: Harness) -> Non
         status, body = (await reader.request(b"Info"))
         assert status == b"OK" and len(body) > 8_000_000
     await until(lambda: factory.info_unsent_bytes == 0, "nothing held once all was read")
+
+
+def test_a_hopeless_info_is_refused_at_once_even_while_others_wait_their_turn() -> None:
+    server = Server(Limits(max_info_bytes=10_000))
+    for index in range(200):
+        server.broker.take(b"%04d" % index + b"n" * 60)
+    server.factory._info_building = server.build()  # another connection's Info is being built
+    conn = server.connect()
+    conn.send([b"Info"], [b"Put", b"q", b"m"])
+    assert conn.replies() == [INFO_TOO_LARGE, [b"OK"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_reads_none_of_its_info_is_dropped_and_frees_the_budget(
+    budget: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mqmq import server as server_module
+
+    monkeypatch.setattr(server_module, "INFO_STALL_SECONDS", 0.5)
+    factory = budget.service.factory
+    hoarder = await budget.connect()
+    hoarder.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await hoarder.send(frame(b"Info"))
+    await until(lambda: factory.info_unsent_bytes > factory.info_budget_bytes,
+                "the unread Info fills the budget")
+    waiting = await budget.connect()
+    await waiting.send(frame(b"Info"))
+    # Half a second without reading anything: the hoarder is dropped, and
+    # the next Info goes out.
+    assert await hoarder.sees_close(within=5)
+    status, body = await waiting.read_frame(within=10)
+    assert status == b"OK" and json.loads(body)["NumQueues"] == 8000
