@@ -51,8 +51,8 @@ from typing import Any, Callable, Optional, Sequence
 perf_ns = time.perf_counter_ns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-#: Where the compiled tools go (git-ignored).
-BUILD_DIR = os.path.join(HERE, "build")
+#: Where the compiled tools go (git-ignored); MQMQ_BENCH_BUILD_DIR moves it.
+BUILD_DIR = os.environ.get("MQMQ_BENCH_BUILD_DIR") or os.path.join(HERE, "build")
 #: The compiled tools: name -> source file, next to this one.
 TOOLS = {"loadgen": "loadgen.c", "floor": "floor.c"}
 CFLAGS = ["-O2", "-pthread"]
@@ -315,9 +315,13 @@ def build_tools(build_dir: str = BUILD_DIR, quiet: bool = False) -> dict[str, st
                              "the load generator and the floor server are C")
         if not quiet:
             print(f"build:   {' '.join(command)}", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
+        # Built under a temporary name, then renamed: a run already using the
+        # old binary keeps it.
+        partial = f"{out}.{os.getpid()}.tmp"
+        done = subprocess.run([*command[:-3], "-o", partial, src], capture_output=True, text=True)
         if done.returncode != 0:
             raise BenchError(f"building {source} failed:\n  {' '.join(command)}\n{done.stderr.strip()}")
+        os.replace(partial, out)
         with open(stamp, "w") as record:
             record.write(" ".join(command))
     return paths
@@ -1115,6 +1119,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "scaling.png"),
                         help="scaling chart (default: benchmarks/scaling.png)")
     parser.add_argument("--quick", action="store_true", help="every count divided by 10: a smoke run")
+    parser.add_argument("--divide", type=int, metavar="N",
+                        help="every count divided by N (--quick is --divide 10): for tests")
     parser.add_argument("--build", action="store_true",
                         help="only build the load generator and the floor (benchmarks/build/) and exit")
     args = parser.parse_args(argv)
@@ -1132,6 +1138,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error(f"unknown workload {', '.join(unknown) or '(none)'}: choose from {','.join(WORKLOADS)}")
     if args.runs < 1:
         parser.error("--runs must be 1 or more")
+    if args.divide is not None and args.divide < 1:
+        parser.error("--divide must be 1 or more")
     return args
 
 
@@ -1152,12 +1160,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    counts = Counts().scaled(10) if args.quick else Counts()
+    divisor = args.divide or (10 if args.quick else 1)
+    counts = Counts().scaled(divisor)
     bench = Bench(counts, os.urandom(3).hex(), tools["loadgen"])
     errors: list[str] = []
     servers: list[ServerProcess] = []
     report: dict[str, Any] = {"machine": machine(), "settings": {
-        "quick": args.quick, "runs": args.runs, "counts": asdict(counts), "message_size": MESSAGE_SIZE,
+        "quick": args.quick, "divided_by": divisor, "runs": args.runs, "counts": asdict(counts), "message_size": MESSAGE_SIZE,
         "large_size": LARGE_SIZE, "pipeline_window": PIPELINE_WINDOW, "steady_window": STEADY_WINDOW,
         "client_window": CLIENT_WINDOW, "scaling_window": SCALING_WINDOW,
         "consumers": {"producers": PRODUCERS, "consumers": CONSUMERS, "window": CONSUMERS_WINDOW,
@@ -1176,7 +1185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"load:    {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min){busy}")
     if box["mqmq_commit"]:
         print(f"mqmq:    commit {box['mqmq_commit']}")
-    print(f"counts:  {'quick (divided by 10)' if args.quick else 'full'}; runs: {args.runs}; "
+    print(f"counts:  {f'divided by {divisor}' if divisor > 1 else 'full'}; runs: {args.runs}; "
           f"messages {MESSAGE_SIZE} B except large ({LARGE_SIZE // 2**20} MiB)")
     try:
         floor = start_floor(tools["floor"])
@@ -1262,7 +1271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print_scaling(scaling)
             print()
             line = (f"{box['nproc']} CPUs, {box['cpu_model']}, {box['python']}; "
-                    + ("quick run" if args.quick else f"median of {args.runs} run(s)")
+                    + (f"counts divided by {divisor}" if divisor > 1 else f"median of {args.runs} run(s)")
                     + f"; {time.strftime('%Y-%m-%d')}")
             problem = write_chart(args.chart, scaling, line)
             if problem:
