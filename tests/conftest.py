@@ -17,10 +17,21 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Union
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from hypothesis import settings
-from twisted.internet import reactor
 
-from mqmq.service import MQService
-from support import read_exactly
+from mqmq import reactor as lean_reactor
+
+# The in-process tests run on the reactor `mqmq start` runs on by default,
+# mqmq.reactor's LeanEPollReactor (pytest-twisted accepts it: it is an
+# EPollReactor); MQMQ_TEST_REACTOR=default keeps Twisted's own.  Installed
+# before anything imports twisted.internet.reactor.
+TEST_REACTOR = os.environ.get("MQMQ_TEST_REACTOR", "mqmq-epoll")
+if TEST_REACTOR == "mqmq-epoll" and lean_reactor.available():
+    lean_reactor.install()
+
+from twisted.internet import reactor  # noqa: E402  (after the install above)
+
+from mqmq.service import MQService  # noqa: E402
+from support import read_exactly  # noqa: E402
 
 # Machines are shared and noisy: no per-example time limit, which would fail
 # a correct test on a slow moment.  Examples stay small, so runs stay short.
