@@ -6,7 +6,7 @@
  *
  *   loadgen stream --addr HOST:PORT --queue Q [--conns C] [--window W]
  *           [--refill batch|one] --phase pairs:N|puts:N|gets:N [--phase ...]
- *           [--warmup-pairs P] [--idle K [--expect-conns] [--rss-pid PID]]
+ *           [--warmup-pairs P] [--get-timeout MS] [--idle K [--expect-conns] [--rss-pid PID]]
  *       C connections, each working through the phases (N requests each) with
  *       W requests in flight.  "batch": after each read, as many requests as
  *       the window allows go out in one writev; "one": one request written
@@ -19,7 +19,11 @@
  *       messages are delivered.
  *
  * Message bodies are the benchmark's deterministic pattern, of the size named
- * by the queue's last dot-separated field.  Gets in "stream" use timeout 0.
+ * by the queue's last dot-separated field.  Gets carry --get-timeout (ms, by
+ * default 1000): a Get in "stream" expects a message, which a server holding
+ * one sends at once whatever the timeout (the original Go server, given 0,
+ * which it takes as 1 ms, sometimes answers Timeout under load while the
+ * message is there); a message that is missing shows as Timeout.
  * Latency: per request, from the send call that carried it to the return of
  * the receive call that brought its reply (CLOCK_MONOTONIC).  cpu_s/cpu_frac:
  * this process's user+system CPU over the timed part (1.0 = one core busy).
@@ -803,7 +807,7 @@ int main(int argc, char **argv) {
     parse_addr(o.addr);
     int is_stream = strcmp(mode, "stream") == 0;
     if (!is_stream && !window_given) o.window = 128;
-    build_requests(o.queue, is_stream ? 0 : o.get_timeout);
+    build_requests(o.queue, o.get_timeout);
     for (int i = 0; i < nspecs; i++) parse_phase(&o, phase_specs[i]);
     if (is_stream) {
         if (o.nphases == 0) usage();
