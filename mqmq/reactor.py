@@ -11,9 +11,9 @@ requests that is a fixed cost on every event.  mqmq logs through
 This reactor is the same epoll reactor with that wrapper taken out: the
 handler runs directly, and anything it raises is still caught and logged.
 Measured by instructions the server process executes per synchronous
-``Put``+``Get`` pair over loopback (``valgrind --tool=callgrind``, a run of
-3,300 pairs less one of 300, CPython 3.11): 164,905 on Twisted's epoll
-reactor, 133,013 on this one, 19% fewer.
+``Put``+``Get`` pair over loopback, with ``python benchmarks/instructions.py
+--reactor epoll`` and ``--reactor mqmq-epoll`` (callgrind; CPython 3.11):
+164,003 on Twisted's epoll reactor, 131,860 on this one, 20% fewer.
 Use it with ``twistd -r mqmq-epoll mqmq``; ``mqmq start`` installs it by
 default where epoll exists.  What it changes for other code in the same
 process: legacy log messages written while handling an event carry the
