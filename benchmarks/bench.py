@@ -1287,7 +1287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 bench.notes.append(problem)
             else:
                 print(f"chart: {args.chart}")
-        if "memory" in results and ours.server is None:
+        if "memory" in results and ours.server is None and ours.external_pid is None:
             print("note: memory: RSS not measured, the server was not started by this tool")
     except BenchError as error:
         errors.append(str(error))

@@ -619,6 +619,7 @@ static int run_stream(opts_t *o) {
 static pthread_barrier_t g_barrier;
 static atomic_long g_delivered, g_extra, g_timeouts;
 static atomic_int g_finished;
+static _Atomic uint64_t g_last_delivery;  /* by any consumer: the stall clock */
 static long g_total;
 static int *g_consumer_fds, g_nconsumers;
 static int g_get_timeout_ms;
@@ -639,9 +640,10 @@ static void *consumer_main(void *arg) {
     consumer_t *c = arg;
     size_t cap = GET_REPLY.len + 4096;
     u8 *buf = malloc(cap);
-    uint64_t last_progress;
     pthread_barrier_wait(&g_barrier);
-    c->start = last_progress = now_ns();
+    c->start = now_ns();
+    uint64_t expected = 0;
+    atomic_compare_exchange_strong(&g_last_delivery, &expected, c->start);
     while (atomic_load(&g_delivered) < g_total) {
         uint64_t sent = now_ns();
         if (send(c->fd, GET.data, GET.len, MSG_NOSIGNAL) != (ssize_t)GET.len) {
@@ -655,7 +657,8 @@ static void *consumer_main(void *arg) {
             t = now_ns();
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
                 if (atomic_load(&g_finished)) goto done;
-                if (t - last_progress > (uint64_t)STALL_S * 1000000000u)
+                uint64_t last = atomic_load(&g_last_delivery);
+                if (t > last && t - last > (uint64_t)STALL_S * 1000000000u)
                     fail("only %ld of %ld messages delivered, none in the last %d s",
                          atomic_load(&g_delivered), g_total, STALL_S);
                 continue;
@@ -673,7 +676,7 @@ static void *consumer_main(void *arg) {
             if (d < g_total) {
                 c->lat[c->nlat++] = t - sent;
                 c->last = t;
-                last_progress = t;
+                atomic_store(&g_last_delivery, t);
                 if (d == g_total - 1) finish_consumers();
             } else {
                 atomic_fetch_add(&g_extra, 1);  /* the floor answers every Get */
