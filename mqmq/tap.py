@@ -10,9 +10,10 @@ import signal
 import sys
 from dataclasses import fields
 from types import FrameType
-from typing import Any, Callable, NoReturn, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Sequence, Union
 
-from twisted.application import service
+import twisted
+from twisted.application import app, service
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
 from twisted.logger import Logger
@@ -36,6 +37,10 @@ _SMALLEST_INFO = len(encode_info(1, 0, {}))
 #: ``mode=``: its owner and group may connect, others not (Twisted's own
 #: default, 0666, lets every local user in).
 UNIX_SOCKET_MODE = 0o660
+
+# twistd before Twisted 26.10 prints a usage error and exits with status 0
+# (twisted#12656); Python 3.9, and so PyPy 3.9, gets Twisted 26.4 at most.
+_TWISTD_EXITS_0_ON_USAGE_ERRORS = (twisted.version.major, twisted.version.minor) < (26, 10)
 
 # Modules Twisted's TLS needs; the ``tls`` extra installs them.
 _TLS_MODULES = {"OpenSSL", "cryptography", "service_identity"}
@@ -169,6 +174,21 @@ class Options(VersionOption, usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if not _TWISTD_EXITS_0_ON_USAGE_ERRORS or not isinstance(
+                getattr(self, "parent", None), app.ServerOptions
+            ):
+                raise
+            # Printed as twistd prints it, but with the status 1 that the
+            # README promises: a script or a service manager would take a
+            # bad option for success.
+            print(self.parent)
+            print(f"{' '.join(sys.argv[0:2])}: {error}")
+            raise SystemExit(1) from None
 
     def opt_listen(self, description: str) -> None:
         """Also listen on a Twisted endpoint (tcp6:, unix:, ssl: ...); repeatable.
