@@ -79,9 +79,9 @@ GET_TIMEOUT_MS = 1000
 SCALING_WINDOW = 16
 SCALING_CONNECTIONS = (1, 2, 4, 8, 16, 32, 64)
 
-WORKLOADS = ("sync", "steady", "consumers", "pipelined", "client", "memory", "large", "idle", "scaling")
-#: Older names still accepted by --workloads.
-ALIASES = {"fan": "consumers"}
+WORKLOADS = ("sync", "steady", "consumers", "pipelined", "client", "fan", "memory", "large", "idle", "scaling")
+#: Other names accepted by --workloads.
+ALIASES: dict[str, str] = {}
 
 #: The original Go server measured with a compiled load generator on a
 #: 2-core machine of this class (the project's issue 9); for the reader,
@@ -680,6 +680,7 @@ class Counts:
     steady: int = 400_000
     consumers: int = 200_000
     pipelined: int = 200_000
+    fan: int = 200_000
     client: int = 200_000
     memory: int = 1_000_000
     large_pairs: int = 200
@@ -769,20 +770,25 @@ class Bench:
         self.expect_queue(target, queue, 0, "after the steady workload")
         return metrics
 
-    def consumers(self, target: Target, run: int) -> dict[str, Any]:
-        total = self.counts.consumers
-        queue = self.queue("consumers", run, MESSAGE_SIZE)
+    def consumers(self, target: Target, run: int, workload: str = "consumers") -> dict[str, Any]:
+        total = getattr(self.counts, workload)
+        queue = self.queue(workload, run, MESSAGE_SIZE)
         metrics = self.load(target, "consumers", queue, "--total", total, "--producers", PRODUCERS,
                             "--consumers", CONSUMERS, "--window", CONSUMERS_WINDOW,
-                            "--get-timeout", CONSUMER_GET_TIMEOUT_MS)
+                            "--get-timeout", CONSUMER_GET_TIMEOUT_MS,
+                            *(["--multiplex"] if workload == "fan" else []))
         if metrics["puts_acknowledged"] != total or metrics["delivered"] != total:
             raise BenchError(f"{metrics['puts_acknowledged']:,} puts acknowledged and "
                              f"{metrics['delivered']:,} messages delivered; expected {total:,}")
         if not target.floor and metrics["extra_replies"]:
             raise BenchError(f"{metrics['extra_replies']:,} messages delivered beyond the "
                              f"{total:,} put: duplicates")
-        self.expect_queue(target, queue, 0, "after the consumers workload")
+        self.expect_queue(target, queue, 0, f"after the {workload} workload")
         return metrics
+
+    def fan(self, target: Target, run: int) -> dict[str, Any]:
+        """As consumers, but the four consumers share one epoll thread (as the old fan did)."""
+        return self.consumers(target, run, "fan")
 
     def pipelined(self, target: Target, run: int) -> dict[str, Any]:
         count = self.counts.pipelined
@@ -938,6 +944,8 @@ ROWS: list[tuple[str, str, str, Optional[bool]]] = [
     ("pipelined", "rate", "requests/s", True),
     ("client", "put_rate", "put requests/s", True),
     ("client", "get_rate", "get requests/s", True),
+    ("fan", "rate", "messages/s", True),
+    ("fan", "put_rate", "put requests/s", True),
     ("memory", "rss_full_mb", "MB resident, full", None),
     ("memory", "rss_before_mb", "MB resident, before", None),
     ("memory", "bytes_per_message", "bytes per message", None),
@@ -996,7 +1004,7 @@ def print_tables(results: dict[str, dict[str, Any]], counts: Counts) -> None:
     print(head)
     print("-" * len(head))
     what = {"sync": "put, get", "steady": "put, get", "consumers": "put", "pipelined": "put, get",
-            "client": "put, get", "memory": "fill put", "large": "put, get", "idle": "put, get"}
+            "client": "put, get", "fan": "put", "memory": "fill put", "large": "put, get", "idle": "put, get"}
     for workload in WORKLOADS:
         if workload not in results or workload == "scaling":
             continue
@@ -1013,7 +1021,7 @@ def print_tables(results: dict[str, dict[str, Any]], counts: Counts) -> None:
                 print(f"{'':<10} {'  ' + phase + ' only (µs)':<16} {fmt(ours.get(phase + '_p50_us')):>9} "
                       f"{fmt(ours.get(phase + '_p99_us')):>9} {fmt(floor.get(phase + '_p50_us')):>10} "
                       f"{fmt(floor.get(phase + '_p99_us')):>9}")
-        if workload == "consumers" and ours:
+        if workload in ("consumers", "fan") and ours:
             print(f"{'':<10} {'get wait (µs)':<16} {fmt(ours.get('get_p50_us')):>9} {fmt(ours.get('get_p99_us')):>9} "
                   f"{fmt(floor.get('get_p50_us')):>10} {fmt(floor.get('get_p99_us')):>9}"
                   "   (a consumer's Get, sent to message)")
@@ -1095,7 +1103,7 @@ def progress(workload: str, target: str, run: int, runs: int, metrics: dict[str,
     elif workload == "client":
         parts.append(f"put {metrics['put_rate']:,.0f} req/s, get {metrics['get_rate']:,.0f} req/s")
     elif "rate" in metrics:
-        unit = "msg/s" if workload == "consumers" else "req/s"
+        unit = "msg/s" if workload in ("consumers", "fan") else "req/s"
         parts.append(f"{metrics['rate']:,.0f} {unit}")
     if metrics.get("p50_us") is not None:
         parts.append(f"p50 {fmt(metrics['p50_us'])} µs, p99 {fmt(metrics['p99_us'])} µs")

@@ -13,10 +13,10 @@
  *       (one send) per reply read, a steady stream.  One connection is driven
  *       with blocking calls, several with epoll in one thread.
  *   loadgen consumers --addr HOST:PORT --queue Q --total N [--producers 4]
- *           [--consumers 4] [--window 128] [--get-timeout 1000]
+ *           [--consumers 4] [--window 128] [--get-timeout 1000] [--multiplex]
  *       Producers pipeline N Puts in all (one thread, epoll), consumers each
- *       send one Get and wait for its reply (a blocking thread each), until N
- *       messages are delivered.
+ *       send one Get and wait for its reply (a blocking thread each, or with
+ *       --multiplex all on one epoll thread), until N messages are delivered.
  *
  * Message bodies are the benchmark's deterministic pattern, of the size named
  * by the queue's last dot-separated field.  Gets carry --get-timeout (ms, by
@@ -494,7 +494,7 @@ static long read_rss(long pid) {
 
 typedef struct {
     const char *addr, *queue, *refill;
-    int conns, window, idle, expect_conns, producers, consumers, get_timeout;
+    int conns, window, idle, expect_conns, producers, consumers, get_timeout, multiplex;
     long warmup_pairs, total, rss_pid;
     phase_t phases[8];
     int nphases;
@@ -636,6 +636,98 @@ static void finish_consumers(void) {
     for (int i = 0; i < g_nconsumers; i++) shutdown(g_consumer_fds[i], SHUT_RDWR);
 }
 
+/* One whole reply to a consumer's Get, sent at `sent`, received at `t`. */
+static void consumer_reply(consumer_t *c, const u8 *buf, size_t have, uint64_t sent, uint64_t t) {
+    if (have == GET_REPLY.len && memcmp(buf, GET_REPLY.data, have) == 0) {
+        long d = atomic_fetch_add(&g_delivered, 1);
+        if (d < g_total) {
+            c->lat[c->nlat++] = t - sent;
+            c->last = t;
+            atomic_store(&g_last_delivery, t);
+            if (d == g_total - 1) finish_consumers();
+        } else {
+            atomic_fetch_add(&g_extra, 1);  /* the floor answers every Get */
+        }
+    } else if (have == TIMEOUT_REPLY.len && memcmp(buf, TIMEOUT_REPLY.data, have) == 0) {
+        atomic_fetch_add(&g_timeouts, 1);
+    } else {  /* also two frames at once: only one Get was in flight */
+        unexpected(buf, have, &GET_REPLY, atomic_load(&g_delivered));
+    }
+}
+
+/* --multiplex: every consumer on one epoll thread (the old "fan"): each
+   still has one Get in flight, but replies that arrive together are read in
+   one wake-up and their next Gets go out together. */
+static void *consumers_epoll_main(void *arg) {
+    consumer_t *cons = arg;
+    int n = g_nconsumers;
+    size_t cap = GET_REPLY.len + 4096;
+    u8 **bufs = calloc((size_t)n, sizeof *bufs);
+    size_t *have = calloc((size_t)n, sizeof *have);
+    uint64_t *sent = calloc((size_t)n, sizeof *sent);
+    int ep = epoll_create1(0);
+    if (!bufs || !have || !sent || ep < 0) fail("consumers: out of memory or epoll");
+    for (int i = 0; i < n; i++) {
+        bufs[i] = malloc(cap);
+        struct epoll_event ev = { .events = EPOLLIN, .data.u32 = (uint32_t)i };
+        epoll_ctl(ep, EPOLL_CTL_ADD, cons[i].fd, &ev);
+    }
+    pthread_barrier_wait(&g_barrier);
+    uint64_t start = now_ns();
+    uint64_t expected = 0;
+    atomic_compare_exchange_strong(&g_last_delivery, &expected, start);
+    for (int i = 0; i < n; i++) {
+        cons[i].start = start;
+        sent[i] = now_ns();
+        if (send(cons[i].fd, GET.data, GET.len, MSG_NOSIGNAL) != (ssize_t)GET.len)
+            fail("consumer: sending failed: %s", strerror(errno));
+    }
+    struct epoll_event events[64];
+    while (atomic_load(&g_delivered) < g_total) {
+        int ready = epoll_wait(ep, events, 64, 1000);
+        uint64_t t = now_ns();
+        if (ready < 0 && errno != EINTR) fail("epoll_wait: %s", strerror(errno));
+        if (ready <= 0) {
+            uint64_t last = atomic_load(&g_last_delivery);
+            if (t > last && t - last > (uint64_t)STALL_S * 1000000000u)
+                fail("only %ld of %ld messages delivered, none in the last %d s",
+                     atomic_load(&g_delivered), g_total, STALL_S);
+            continue;
+        }
+        for (int e = 0; e < ready && atomic_load(&g_delivered) < g_total; e++) {
+            int i = (int)events[e].data.u32;
+            ssize_t got = recv(cons[i].fd, bufs[i] + have[i], cap - have[i], 0);
+            t = now_ns();
+            if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            if (got <= 0) {
+                if (atomic_load(&g_finished)) break;
+                fail("the server closed a consumer connection after %ld messages", atomic_load(&g_delivered));
+            }
+            have[i] += (size_t)got;
+            if (have[i] < 4 || have[i] < 4 + (size_t)get32(bufs[i])) {
+                if (have[i] == cap) unexpected(bufs[i], have[i], &GET_REPLY, atomic_load(&g_delivered));
+                continue;
+            }
+            consumer_reply(&cons[i], bufs[i], have[i], sent[i], t);
+            have[i] = 0;
+            if (atomic_load(&g_delivered) < g_total) {
+                sent[i] = now_ns();
+                if (send(cons[i].fd, GET.data, GET.len, MSG_NOSIGNAL) != (ssize_t)GET.len) {
+                    if (atomic_load(&g_finished)) break;
+                    fail("consumer: sending failed: %s", strerror(errno));
+                }
+            }
+        }
+    }
+    finish_consumers();
+    for (int i = 0; i < n; i++) free(bufs[i]);
+    free(bufs);
+    free(have);
+    free(sent);
+    close(ep);
+    return NULL;
+}
+
 static void *consumer_main(void *arg) {
     consumer_t *c = arg;
     size_t cap = GET_REPLY.len + 4096;
@@ -671,21 +763,7 @@ static void *consumer_main(void *arg) {
             if (have >= 4 && have >= 4 + (size_t)get32(buf)) break;
             if (have == cap) unexpected(buf, have, &GET_REPLY, atomic_load(&g_delivered));
         }
-        if (have == GET_REPLY.len && memcmp(buf, GET_REPLY.data, have) == 0) {
-            long d = atomic_fetch_add(&g_delivered, 1);
-            if (d < g_total) {
-                c->lat[c->nlat++] = t - sent;
-                c->last = t;
-                atomic_store(&g_last_delivery, t);
-                if (d == g_total - 1) finish_consumers();
-            } else {
-                atomic_fetch_add(&g_extra, 1);  /* the floor answers every Get */
-            }
-        } else if (have == TIMEOUT_REPLY.len && memcmp(buf, TIMEOUT_REPLY.data, have) == 0) {
-            atomic_fetch_add(&g_timeouts, 1);
-        } else {  /* also two frames at once: only one Get was in flight */
-            unexpected(buf, have, &GET_REPLY, atomic_load(&g_delivered));
-        }
+        consumer_reply(c, buf, have, sent, t);
     }
 done:
     free(buf);
@@ -716,16 +794,20 @@ static int run_consumers(opts_t *o) {
         cons[i].fd = g_consumer_fds[i] = connect_to(1, 1);
         cons[i].lat = malloc((size_t)(o->total + 1) * sizeof *cons[i].lat);
     }
-    pthread_barrier_init(&g_barrier, NULL, (unsigned)o->consumers + 1);
-    pthread_t *threads = malloc((size_t)o->consumers * sizeof *threads);
-    for (int i = 0; i < o->consumers; i++) pthread_create(&threads[i], NULL, consumer_main, &cons[i]);
+    int nthreads = o->multiplex ? 1 : o->consumers;
+    pthread_barrier_init(&g_barrier, NULL, (unsigned)nthreads + 1);
+    pthread_t *threads = malloc((size_t)nthreads * sizeof *threads);
+    if (o->multiplex)
+        pthread_create(&threads[0], NULL, consumers_epoll_main, cons);
+    else
+        for (int i = 0; i < o->consumers; i++) pthread_create(&threads[i], NULL, consumer_main, &cons[i]);
     producers_t prod = { streams, o->producers, 0 };
     double cpu0 = cpu_seconds();
     /* the producers run on this thread */
     pthread_barrier_wait(&g_barrier);
     prod.start = now_ns();
     drive(streams, o->producers);
-    for (int i = 0; i < o->consumers; i++) pthread_join(threads[i], NULL);
+    for (int i = 0; i < nthreads; i++) pthread_join(threads[i], NULL);
     double cpu = cpu_seconds() - cpu0;
     long delivered = atomic_load(&g_delivered);
     if (delivered > g_total) delivered = g_total;
@@ -789,6 +871,7 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--expect-conns") == 0) { o.expect_conns = 1; continue; }
+        if (strcmp(a, "--multiplex") == 0) { o.multiplex = 1; continue; }
         if (!v) usage();
         i++;
         if (strcmp(a, "--addr") == 0) o.addr = v;

@@ -99,11 +99,14 @@ def test_what_is_put_stays_until_it_is_got(tools: dict[str, str], servers: dict[
     assert queued(address, queue) == 0
 
 
+@pytest.mark.parametrize("multiplex", [False, True])
 @pytest.mark.parametrize("target", ["mqmq", "floor"])
-def test_consumers_get_every_message_put(tools: dict[str, str], servers: dict[str, Any], target: str) -> None:
+def test_consumers_get_every_message_put(tools: dict[str, str], servers: dict[str, Any], target: str,
+                                         multiplex: bool) -> None:
     address = servers[target].address
-    queue = f"t-consumers-{target}.100".encode()
-    result = load(tools, address, "consumers", queue, "--total", 2000, "--producers", 4, "--consumers", 4)
+    queue = f"t-consumers-{target}-{multiplex}.100".encode()
+    result = load(tools, address, "consumers", queue, "--total", 2000, "--producers", 4, "--consumers", 4,
+                  *(["--multiplex"] if multiplex else []))
     assert result["puts_acknowledged"] == 2000
     assert result["delivered"] == 2000
     if target == "mqmq":
@@ -136,7 +139,7 @@ def test_bench_runs_every_workload_clean(tools: dict[str, str], tmp_path: Path,
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:  # main() sets its own; the test process keeps its
         status = bench.main(["--divide", "1000", "--json", str(out), "--chart", str(tmp_path / "chart.png"),
-                             "--workloads", "sync,steady,fan,pipelined,memory,large,idle,scaling"])
+                             "--workloads", "sync,steady,consumers,fan,pipelined,memory,large,idle,scaling"])
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -145,11 +148,12 @@ def test_bench_runs_every_workload_clean(tools: dict[str, str], tmp_path: Path,
     assert report["errors"] == [], printed
     assert status == 0
     workloads = report["workloads"]
-    assert set(workloads) == {"sync", "steady", "consumers", "pipelined", "memory", "large", "idle"}
+    assert set(workloads) == {"sync", "steady", "consumers", "fan", "pipelined", "memory", "large", "idle"}
     for name, entry in workloads.items():
         assert entry["mqmq"]["runs"] and entry["floor"]["runs"], name
     assert workloads["sync"]["ratio_to_floor"]["us_per_pair"]["median"] > 0
-    assert workloads["consumers"]["mqmq"]["median"]["requests"] == report["settings"]["counts"]["consumers"]
+    for name in ("consumers", "fan"):
+        assert workloads[name]["mqmq"]["median"]["requests"] == report["settings"]["counts"][name]
     assert workloads["memory"]["mqmq"]["median"]["rss_full_mb"] > 0
     assert set(report["scaling"]) == {str(c) for c in bench.SCALING_CONNECTIONS}
     assert "mqmq ÷ floor" in printed
