@@ -5,10 +5,18 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mqmq.errors import BadResponse
+
+# PyPy 7.3's fast JSON decoder, which json.loads takes when given no options,
+# names a non-ASCII character where the JSON goes wrong by its first UTF-8
+# byte alone: a broken string, whose formatting raises SystemError.  Its
+# Python decoder names it whole, and takes 0.36-0.43 s for a 3.7 MB Info
+# (100,000 queues) where the fast one takes 0.18-0.31 s.
+_JSON_OPTIONS: dict[str, Any] = {"cls": json.JSONDecoder} if sys.implementation.name == "pypy" else {}
 
 
 def _replace_each_byte(error: UnicodeError) -> tuple[str, int]:
@@ -75,7 +83,7 @@ class ServerInfo:
         :raises BadResponse: when the JSON is not an ``Info`` object.
         """
         try:
-            document: Any = json.loads(raw)
+            document: Any = json.loads(raw, **_JSON_OPTIONS)
             queues = {
                 str(name): int(entry["NumMessages"])
                 for name, entry in (document.get("Queues") or {}).items()

@@ -279,6 +279,13 @@ def test_from_json_malformed_raises_bad_response(raw: bytes) -> None:
         ServerInfo.from_json(raw)
 
 
+@pytest.mark.parametrize("raw", ["é}", '{"NumConnections":1,"Queues":{"q":é}}', "[1,\u2603"])
+def test_from_json_going_wrong_at_a_non_ascii_character_says_where(raw: str) -> None:
+    with pytest.raises(BadResponse, match="^malformed Info JSON: .*char") as caught:
+        ServerInfo.from_json(raw.encode())
+    assert "char" in str(caught.value.__cause__)
+
+
 @given(st.binary(max_size=80))
 @example(b'{"NumConnections":1,"NumQueues":0,"NumMessages":0}')
 def test_from_json_arbitrary_bytes(raw: bytes) -> None:
