@@ -307,13 +307,20 @@ def test_start_listens_on_a_unix_socket_and_logs_its_path(
     )
     try:
         deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, "the UNIX socket never appeared"
+        # The socket's file appears at bind(), a moment before listen(): until
+        # then a connection is refused.
+        while True:
+            client = socket.socket(socket.AF_UNIX)
+            try:
+                client.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                client.close()
+            assert time.monotonic() < deadline, "the UNIX socket never accepted a connection"
             assert server.poll() is None, server.stderr.read() if server.stderr else ""
             time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX) as client:
+        with client:
             client.settimeout(5)
-            client.connect(str(path))
             client.sendall(b"\x00\x00\x00\x11" + b"\x00\x00\x00\x03Put\x00\x00\x00\x01q\x00\x00\x00\x01m")
             assert client.recv(64) == b"\x00\x00\x00\x06\x00\x00\x00\x02OK"
         server.send_signal(signal.SIGTERM)
