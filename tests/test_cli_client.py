@@ -150,6 +150,9 @@ def test_ctrl_c_while_put_reads_a_terminal_exits_130_quietly(
     wait_until(lambda: unread(term) > 0)
     putter = procs.spawn(bin_path("mqmq"), "put", "-addr", addr, "typed", stdin=term)
     wait_until(lambda: unread(term) == 0)
+    # The line gone from the terminal is not enough: a slow start-up (PyPy)
+    # may still be before the read; Ctrl-C is pressed once it blocks there.
+    wait_until(lambda: reading_standard_input(putter.pid))
     putter.send_signal(signal.SIGINT)
     try:
         status = putter.wait(timeout=5)
@@ -177,6 +180,17 @@ def feed(process: subprocess.Popen, data: bytes) -> threading.Thread:
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     return writer
+
+
+def reading_standard_input(pid: int) -> bool:
+    """True while the process is blocked in read(2) on its descriptor 0
+    (Linux's /proc/PID/syscall: the call's number, then its arguments)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as status:
+            fields = status.read().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] == "0" and fields[1] == "0x0"
 
 
 @pytest.mark.parametrize("limit", [None, "1KiB"])
