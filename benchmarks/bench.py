@@ -764,7 +764,7 @@ class Bench:
     def steady(self, target: Target, run: int) -> dict[str, Any]:
         count = self.counts.steady
         queue = self.queue("steady", run, MESSAGE_SIZE)
-        metrics = self.load(target, "stream", queue, "--window", STEADY_WINDOW, "--refill", "one",
+        metrics = self.load(target, "stream", queue, "--window", STEADY_WINDOW,
                             "--phase", f"pairs:{count}", "--warmup-pairs", self.counts.warmup_pairs)
         self.expect_requests(metrics, count, "requests")
         self.expect_queue(target, queue, 0, "after the steady workload")

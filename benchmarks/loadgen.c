@@ -5,12 +5,11 @@
  * not the expected one, a count does not add up, or nothing comes for 30 s.
  *
  *   loadgen stream --addr HOST:PORT --queue Q [--conns C] [--window W]
- *           [--refill batch|one] --phase pairs:N|puts:N|gets:N [--phase ...]
+ *           --phase pairs:N|puts:N|gets:N [--phase ...]
  *           [--warmup-pairs P] [--get-timeout MS] [--idle K [--expect-conns] [--rss-pid PID]]
  *       C connections, each working through the phases (N requests each) with
- *       W requests in flight.  "batch": after each read, as many requests as
- *       the window allows go out in one writev; "one": one request written
- *       (one send) per reply read, a steady stream.  One connection is driven
+ *       W requests in flight: after each read, one request per reply it
+ *       brought, all in one writev.  One connection is driven
  *       with blocking calls, several with epoll in one thread.
  *   loadgen consumers --addr HOST:PORT --queue Q --total N [--producers 4]
  *           [--consumers 4] [--window 128] [--get-timeout 1000] [--multiplex]
@@ -365,18 +364,13 @@ static long stream_recv(stream_t *s) {
     return s->replied - before;
 }
 
-static int one_per_reply;
-
 static void drive(stream_t *streams, int n) {
     for (int i = 0; i < n; i++) stream_send(&streams[i], streams[i].window);
     if (n == 1) {
         stream_t *s = &streams[0];
         while (s->replied < s->total) {
-            long got = stream_recv(s);
-            if (one_per_reply)
-                for (long k = 0; k < got; k++) stream_send(s, 1);
-            else
-                stream_send(s, s->window);
+            stream_recv(s);
+            stream_send(s, s->window);
         }
         return;
     }
@@ -403,12 +397,10 @@ static void drive(stream_t *streams, int n) {
         }
         for (int e = 0; e < ready; e++) {
             stream_t *s = events[e].data.ptr;
-            long got = stream_recv(s);
+            stream_recv(s);
             if (s->replied >= s->total) {
                 epoll_ctl(ep, EPOLL_CTL_DEL, s->fd, NULL);
                 active--;
-            } else if (one_per_reply) {
-                for (long k = 0; k < got; k++) stream_send(s, 1);
             } else {
                 stream_send(s, s->window);
             }
@@ -493,7 +485,7 @@ static long read_rss(long pid) {
 /* --- Modes --------------------------------------------------------------------------------- */
 
 typedef struct {
-    const char *addr, *queue, *refill;
+    const char *addr, *queue;
     int conns, window, idle, expect_conns, producers, consumers, get_timeout, multiplex;
     long warmup_pairs, total, rss_pid;
     phase_t phases[8];
@@ -532,7 +524,6 @@ static int raise_open_files(long wanted) {
 }
 
 static int run_stream(opts_t *o) {
-    one_per_reply = strcmp(o->refill, "one") == 0;
     int *idle_fds = NULL;
     double open_s = -1;
     long seen = -1;
@@ -862,7 +853,7 @@ int main(int argc, char **argv) {
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     signal(SIGPIPE, SIG_IGN);
     if (argc < 2) usage();
-    opts_t o = { .refill = "batch", .conns = 1, .window = 1, .producers = 4, .consumers = 4,
+    opts_t o = { .conns = 1, .window = 1, .producers = 4, .consumers = 4,
                  .get_timeout = 1000, .rss_pid = -1 };
     const char *mode = argv[1];
     const char *phase_specs[8];
@@ -876,7 +867,6 @@ int main(int argc, char **argv) {
         i++;
         if (strcmp(a, "--addr") == 0) o.addr = v;
         else if (strcmp(a, "--queue") == 0) o.queue = v;
-        else if (strcmp(a, "--refill") == 0) o.refill = v;
         else if (strcmp(a, "--conns") == 0) o.conns = atoi(v);
         else if (strcmp(a, "--window") == 0) { o.window = atoi(v); window_given = 1; }
         else if (strcmp(a, "--phase") == 0) { if (nspecs == 8) usage(); phase_specs[nspecs++] = v; }

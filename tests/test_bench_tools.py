@@ -73,7 +73,7 @@ def load(tools: dict[str, str], address: str, mode: str, queue: bytes, *options:
 def test_streams_answer_every_request(tools: dict[str, str], servers: dict[str, Any], target: str) -> None:
     address = servers[target].address
     sync = load(tools, address, "stream", b"t-sync.100", "--phase", "pairs:200", "--warmup-pairs", 10)
-    steady = load(tools, address, "stream", b"t-steady.100", "--window", 16, "--refill", "one",
+    steady = load(tools, address, "stream", b"t-steady.100", "--window", 16,
                   "--phase", "pairs:1000")
     burst = load(tools, address, "stream", b"t-burst.100", "--window", 128,
                  "--phase", "puts:700", "--phase", "gets:700")
