@@ -27,7 +27,8 @@ from mqmq.info import (
     queue_name_text,
 )
 from mqmq.limits import Limits
-from mqmq.queue import MessageQueue
+from mqmq.stores.base import Store, StoredQueue
+from mqmq.stores.memory import MemoryStore
 
 #: Work done in one turn of the reactor while building a large ``Info``:
 #: at most this many queues' entries, or this many bytes of JSON.  Measured
@@ -48,6 +49,30 @@ def _check_name(queue_name: object) -> None:
         )
 
 
+class QueueState:
+    """One queue as the broker sees it: its messages (kept by the store) and
+    the ``Get``s waiting on it.
+
+    A queue never holds messages and waiters at once: a message arriving
+    while someone waits goes straight to the oldest waiter.
+    """
+
+    __slots__ = ("name", "messages", "waiters")
+
+    def __init__(self, name: bytes, messages: StoredQueue) -> None:
+        self.name = name
+        self.messages = messages
+        # An OrderedDict is an ordered set with O(1) removal of any waiter,
+        # which a departing or timed-out waiter needs.
+        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
+
+    def pop_waiter(self) -> Optional[Waiter]:
+        """Remove and return the waiter that has waited longest, if any."""
+        if not self.waiters:
+            return None
+        return self.waiters.popitem(last=False)[0]
+
+
 class Waiter:
     """A ``Get`` waiting on an empty queue for a message or its timeout.
 
@@ -59,7 +84,7 @@ class Waiter:
     __slots__ = ("broker", "queue", "deferred", "timer", "present")
 
     def __init__(
-        self, broker: Broker, queue: MessageQueue, present: Optional[Callable[[], bool]]
+        self, broker: Broker, queue: QueueState, present: Optional[Callable[[], bool]]
     ) -> None:
         self.broker = broker
         self.queue = queue
@@ -98,14 +123,19 @@ class Broker(service.Service):
 
     :param clock: the time source for ``get`` timeouts; ``task.Clock`` in tests.
     :param limits: bounds on queues and stored messages; see :class:`Limits`.
+    :param store: where messages are kept (:class:`MemoryStore` unless
+        given); a durable store's queues are read back at once.  Whoever
+        runs the broker starts the store before serving and stops it once
+        every connection has closed (``MQService`` does).
     """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, limits: Limits = Limits()) -> None:
+    def __init__(self, clock: IReactorTime, limits: Limits = Limits(), store: Optional[Store] = None) -> None:
         self.clock = clock
         self.limits = limits
-        self._queues: dict[bytes, MessageQueue] = {}
+        self.store: Store = store if store is not None else MemoryStore()
+        self._queues: dict[bytes, QueueState] = {}
         # Queue names in byte order, for Info; kept sorted as queues come and
         # go, since sorting 100,000 names at each Info would stall the reactor.
         self._sorted_names: list[bytes] = []
@@ -128,10 +158,42 @@ class Broker(service.Service):
         # message back (its consumer turned out gone); that one waits here for
         # the loop in _offer instead of recursing, one frame per waiter.
         self._offers: Optional[deque[tuple[bytes, tuple[bytes, ...], bool]]] = None
+        # The id of the message a put stored after passing over departed waiters.
+        self._stored_id: Optional[int] = None
+        self.store.dropped = self._dropped
+        self._store_open = False
+
+    def privilegedStartService(self) -> None:
+        """Open the store and read its queues back (before any listener listens).
+
+        :raises StoreError: the store cannot be opened.
+        """
+        self._open_store()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        """As :meth:`privilegedStartService`, if that was not called."""
+        self._open_store()
+        super().startService()
+
+    def _open_store(self) -> None:
+        if self._store_open:
+            return
+        self.store.open()
+        self._store_open = True
+        for messages in self.store.recovered():
+            queue = self._queues[messages.name] = QueueState(messages.name, messages)
+            insort(self._sorted_names, messages.name)
+            self._names_bytes += len(messages.name)
+            self.num_messages += len(messages)
+            self.num_bytes += messages.num_bytes
+            if not messages:
+                self._idle[queue.name] = None
+        self.store.start()
 
     # Queues ----------------------------------------------------------------
 
-    def _queue(self, name: bytes, limited: bool = True) -> MessageQueue:
+    def _queue(self, name: bytes, limited: bool = True) -> QueueState:
         queue = self._queues.get(name)
         if queue is None:
             max_queues = self.limits.max_queues
@@ -142,7 +204,7 @@ class Broker(service.Service):
                 raise errors.RequestError(
                     errors.TOO_MANY_QUEUES, f"the server holds its limit of {max_queues} queues"
                 )
-            queue = self._queues[name] = MessageQueue(name)
+            queue = self._queues[name] = QueueState(name, self.store.queue(name))
             insort(self._sorted_names, name)
             self._names_bytes += len(name)
         return queue
@@ -153,14 +215,15 @@ class Broker(service.Service):
         while idle:
             name, _ = idle.popitem(last=False)
             queue = self._queues[name]
-            if not queue and not queue.waiters:
+            if not queue.messages and not queue.waiters:
+                self.store.forget(queue.messages)
                 del self._queues[name]
                 del self._sorted_names[bisect_left(self._sorted_names, name)]
                 self._names_bytes -= len(name)
                 return True
         return False
 
-    def _touch_idle(self, queue: MessageQueue) -> None:
+    def _touch_idle(self, queue: QueueState) -> None:
         # Moved to the end: the most recently used of the idle queues.
         idle = self._idle
         if queue.name in idle:
@@ -169,6 +232,9 @@ class Broker(service.Service):
             idle[queue.name] = None
 
     def _check_room(self, message: bytes) -> None:
+        failure = self.store.failure
+        if failure is not None:
+            raise errors.RequestError(errors.STORAGE_ERROR, failure)
         limits = self.limits
         if limits.max_queued_messages and self.num_messages >= limits.max_queued_messages:
             raise errors.RequestError(
@@ -184,8 +250,12 @@ class Broker(service.Service):
 
     # Messages in -----------------------------------------------------------
 
-    def put(self, queue_name: bytes, message: bytes) -> None:
+    def put(self, queue_name: bytes, message: bytes) -> Optional[int]:
         """Store a message, or hand it at once to the longest waiting ``get``.
+
+        Returns the message's id in a durable store, to be checked against
+        the store's pending batch (:meth:`Batch.refused`) before answering
+        ``OK``; ``None`` when there is nothing to wait for.
 
         :raises RequestError: when storing it would pass a limit (too many
             queues, too many messages or bytes held); nothing is stored then.
@@ -201,13 +271,16 @@ class Broker(service.Service):
         queue = self._queue(queue_name)
         if not queue.waiters and self._offers is None:
             # The common case, inline: nobody waits, no hand-over loop to enter.
-            if not queue:
+            messages = queue.messages
+            if not messages:
                 self._idle.pop(queue_name, None)
-            queue.push(message)
             self.num_messages += 1
             self.num_bytes += len(message)
-            return
+            return messages.push(message)
+        # Waiters first; the message is stored if none is still there.
+        self._stored_id = None
         self._offer(queue_name, (message,), front=False)
+        return self._stored_id
 
     def put_back(self, queue_name: bytes, *messages: bytes) -> None:
         """Return messages that could not be delivered, oldest first, to the
@@ -222,13 +295,14 @@ class Broker(service.Service):
         if messages:
             self._offer(queue_name, messages, front=True)
 
-    def _store(self, queue: MessageQueue, message: bytes, front: bool) -> None:
-        if not queue:
+    def _store(self, queue: QueueState, message: bytes, front: bool) -> None:
+        messages = queue.messages
+        if not messages:
             self._idle.pop(queue.name, None)
         if front:
-            queue.push_front(message)
+            messages.push_front(message)
         else:
-            queue.push(message)
+            self._stored_id = messages.push(message)
         self.num_messages += 1
         self.num_bytes += len(message)
 
@@ -302,13 +376,23 @@ class Broker(service.Service):
         if type(queue_name) is not bytes:
             _check_name(queue_name)
         queue = self._queue(queue_name)
-        message = queue.pop()
+        messages = queue.messages
+        message = messages.pop()
         if message is not None:
             self.num_messages -= 1
             self.num_bytes -= len(message)
-        if not queue and not queue.waiters:
+        if not messages and not queue.waiters:
             self._touch_idle(queue)
         return message
+
+    def _dropped(self, queue_name: bytes, message: bytes) -> None:
+        # The store lost a message it had taken (its write failed): the
+        # Put is answered with an error, and the counts follow.
+        self.num_messages -= 1
+        self.num_bytes -= len(message)
+        queue = self._queues.get(queue_name)
+        if queue is not None and not queue.messages and not queue.waiters:
+            self._touch_idle(queue)
 
     def wait(
         self, queue_name: bytes, timeout: float, present: Optional[Callable[[], bool]] = None
@@ -328,14 +412,14 @@ class Broker(service.Service):
         queue = self._queue(queue_name)
         self._idle.pop(queue_name, None)
         waiter = Waiter(self, queue, present)
-        queue.add_waiter(waiter)
+        queue.waiters[waiter] = None
         waiter.timer = self.clock.callLater(timeout, waiter._time_out, timeout)
         return waiter.deferred
 
     def _withdraw(self, waiter: Waiter) -> None:
         queue = waiter.queue
-        queue.remove_waiter(waiter)
-        if not queue and not queue.waiters:
+        queue.waiters.pop(waiter, None)
+        if not queue.messages and not queue.waiters:
             self._touch_idle(queue)
 
     def get(self, queue_name: bytes, timeout: float) -> defer.Deferred[bytes]:
@@ -350,7 +434,7 @@ class Broker(service.Service):
     def queue_sizes(self) -> Iterator[tuple[bytes, int]]:
         """Each queue's name and the number of messages it holds."""
         for name, queue in self._queues.items():
-            yield name, len(queue)
+            yield name, len(queue.messages)
 
     @property
     def num_queues(self) -> int:
@@ -366,7 +450,8 @@ class Broker(service.Service):
     def info_json(self) -> bytes:
         """The ``Info`` reply body, as the original server encodes it, built at once."""
         queues = self._queues
-        entries = b",".join([encode_info_entry(name, len(queues[name])) for name in self._sorted_names])
+        entries = b",".join([encode_info_entry(name, len(queues[name].messages))
+                             for name in self._sorted_names])
         return (
             encode_info_header(self.num_connections, len(queues), self.num_messages)
             + entries + INFO_END
@@ -451,7 +536,7 @@ class _InfoBuild:
         index = start
         while index < stop and slice_bytes < INFO_SLICE_BYTES:
             name = names[index]
-            count = len(queues[name])
+            count = len(queues[name].messages)
             entry = encode_info_entry(name, count)
             entries.append(entry)
             slice_bytes += len(entry) + 1

@@ -14,6 +14,8 @@ MESSAGE_TOO_LARGE = "REQUEST_MESSAGE_TOO_LARGE"
 TOO_MANY_QUEUES = "SERVER_TOO_MANY_QUEUES"
 STORAGE_FULL = "SERVER_STORAGE_FULL"
 INFO_TOO_LARGE = "SERVER_INFO_TOO_LARGE"
+#: A durable store could not write (disk full, I/O error): nothing new is taken.
+STORAGE_ERROR = "SERVER_STORAGE_ERROR"
 
 
 class MQError(Exception):
@@ -70,3 +72,7 @@ class ReplyTimeout(MQError):
     Every request in flight on that connection fails with it, and the
     connection is closed: the server is taken to have hung.
     """
+
+
+class StoreError(MQError):
+    """A store that cannot be opened: missing, damaged, or from a newer version."""

@@ -21,11 +21,18 @@ from mqmq.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
 from mqmq.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
 from mqmq.framing import FrameReceiver
 from mqmq.liveness import peer_has_gone
+from mqmq.stores.base import Batch
 from mqmq.writer import ReplyWriter, Settlement
 
 _UINT32 = Struct(">I")
 _OK_FRAME = encode_frame([OK])
 _TIMEOUT_FRAME = encode_frame([TIMEOUT])
+_STORAGE_ERROR_FRAME = encode_frame([ERROR, errors.STORAGE_ERROR.encode("ascii")])
+
+# What a held reply is (see MQServerProtocol._hold).
+_HELD_FRAME = 0
+_HELD_PUT = 1
+_HELD_MESSAGE = 2
 _INFO_REPLY_PREFIX = _UINT32.pack(2) + OK
 
 #: Info replies up to this size are written at once; larger ones a piece at
@@ -74,6 +81,12 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._closing = False
         self._reading = True
         self._liveness_check: Optional[IDelayedCall] = None
+        self._store = broker.store
+        # Replies waiting for a durable store to write what they answer for,
+        # in order: (batch, kind, value, value); None when none wait.
+        self._held: Optional[deque[tuple[Batch, int, Any, Any]]] = None
+        self._held_batch: Optional[Batch] = None
+        self._lost = False
 
     @property
     def max_accepted_length(self) -> int:
@@ -100,6 +113,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.broker.num_connections -= 1
         self.factory.connections.discard(self)
         self._closing = True
+        self._lost = True
         try:
             self.setTimeout(None)
             if self._liveness_check is not None and self._liveness_check.active():
@@ -114,6 +128,12 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 self._info_pieces = None
             self._set_info_unsent(0)
         finally:
+            # Messages whose replies were held for the store, never sent, go
+            # back first: in front of them goes anything written but unread.
+            held, self._held = self._held, None
+            if held:
+                self._put_back([(queue, message) for _, kind, queue, message in held
+                                if kind == _HELD_MESSAGE])
             # Last, once this connection can take nothing more: a message
             # whose reply the peer never received was never handed over, and
             # goes back to the front of its queue, in order.
@@ -150,6 +170,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def _close(self) -> None:
         self._closing = True
+        if self._held is not None:
+            return  # once the replies held for the store are out (_release)
         # A registered producer would hold the connection open past its close.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -280,7 +302,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _refuse(self, error: errors.RequestError) -> None:
         self.log.info("refused a request from {peer}: {error}",
                       peer=self._peer, error=error)
-        self._out.write(encode_frame([ERROR, error.error_type.encode("ascii")]))
+        self._reply(encode_frame([ERROR, error.error_type.encode("ascii")]))
         if error.error_type == errors.UNKNOWN_COMMAND:
             self._close()
 
@@ -291,8 +313,12 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 f"message of {len(command.message)} bytes, "
                 f"the limit is {self.limits.max_message_bytes}",
             )
-        self.broker.put(command.queue, command.message)
-        self._out.write(_OK_FRAME)
+        message_id = self.broker.put(command.queue, command.message)
+        if message_id is None and self._held is None:
+            self._out.write(_OK_FRAME)
+        else:
+            # OK once the store has written it, or an error if it could not.
+            self._hold(self._store.pending, _HELD_PUT, message_id, None)
 
     def _get(self, command: Get) -> None:
         message = self.broker.take(command.queue)
@@ -306,6 +332,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         waiting.addCallbacks(self._delivered, self._wait_ended, (command.queue,))
 
     def _send_message(self, queue: bytes, message: bytes) -> None:
+        if self._held is not None or self._store.pending is not None:
+            # Not before the store has written that it was taken.
+            self._hold(self._store.pending, _HELD_MESSAGE, queue, message)
+            return
+        self._write_message(queue, message)
+
+    def _write_message(self, queue: bytes, message: bytes) -> None:
         # Two writes, so a large message is not copied into a new frame.
         header = _UINT32.pack(4 + 2 + 4 + len(message)) + _UINT32.pack(2) + OK
         self._out.write_message(queue, message, header, _UINT32.pack(len(message)), message)
@@ -331,7 +364,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 # nobody will read.
                 self._abort("the peer went away while its Get waited")
                 return
-            self._out.write(_TIMEOUT_FRAME)
+            self._reply(_TIMEOUT_FRAME)
             self._end_wait()
         elif failure.check(errors.ConsumerGone):
             if not self._closing:
@@ -343,6 +376,63 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         else:
             self.log.failure("waiting Get failed", failure)
             self._close()
+
+    # Replies held for the store ---------------------------------------------
+    #
+    # With a durable store, a Put is answered OK, and a message sent, only
+    # once the store's batch that recorded it is written (Store.pending).
+    # Replies behind a held one are held too, so that replies keep the
+    # order of their requests.  The memory store has no batches: nothing is
+    # ever held.
+
+    def _reply(self, frame: bytes) -> None:
+        """Write a reply that waits for nothing but the replies before it."""
+        if self._held is None:
+            self._out.write(frame)
+        else:
+            self._hold(None, _HELD_FRAME, frame, None)
+
+    def _hold(self, batch: Optional[Batch], kind: int, first: Any, second: Any) -> None:
+        held = self._held
+        if held is None:
+            held = self._held = deque()
+        if batch is None:
+            # Depends on nothing new: out with the reply before it.
+            assert held, "a reply held for no batch and behind none"
+            batch = held[-1][0]
+        held.append((batch, kind, first, second))
+        if batch is not self._held_batch:
+            self._held_batch = batch
+            batch.when_done(self._release)
+
+    def _release(self, _batch: Batch) -> None:
+        """Send the held replies whose batches are written, in order."""
+        held = self._held
+        if held is None or self._lost:
+            return
+        out = self._out
+        out.begin_batch()
+        try:
+            while held and held[0][0].done:
+                batch, kind, first, second = held.popleft()
+                if kind == _HELD_MESSAGE:
+                    self._write_message(first, second)
+                elif kind == _HELD_PUT:
+                    if batch.refused(first):
+                        self.log.info("refused a Put from {peer}: the store could not write it",
+                                      peer=self._peer)
+                        out.write(_STORAGE_ERROR_FRAME)
+                    else:
+                        out.write(_OK_FRAME)
+                else:
+                    out.write(first)
+        finally:
+            out.end_batch()
+        if not held:
+            self._held = None
+            self._held_batch = None
+            if self._closing:
+                self._close()
 
     def _end_wait(self) -> None:
         self.setTimeout(self.limits.idle_timeout or None)
@@ -380,7 +470,15 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _info_built(self, pieces: list[bytes]) -> None:
         self._info = None
         self.factory.end_info_turn(self)
+        self._write_info(pieces)
+
+    def _write_info(self, pieces: list[bytes]) -> None:
         if self._closing:
+            return
+        if self._held_batch is not None:
+            # After the replies held before it (released first: their
+            # listener was registered first).
+            self._held_batch.when_done(lambda _: self._write_info(pieces))
             return
         size = sum(map(len, pieces))
         header = _UINT32.pack(4 + 2 + 4 + size) + _INFO_REPLY_PREFIX + _UINT32.pack(size)

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from mqmq.broker import Broker
 from mqmq.limits import Limits
 from mqmq.server import MQServerFactory
+from mqmq.stores.base import Store
 
 
 class _Listener(StreamServerEndpointService):
@@ -54,10 +55,16 @@ class MQService(service.MultiService):
         server.startService()
     """
 
-    def __init__(self, reactor: Any, endpoints: Iterable[str] = (), limits: Limits = Limits()) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        endpoints: Iterable[str] = (),
+        limits: Limits = Limits(),
+        store: Optional[Store] = None,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
-        self.broker = Broker(reactor, limits)
+        self.broker = Broker(reactor, limits, store)
         self.broker.setServiceParent(self)
         self.factory = MQServerFactory(self.broker)
         self._listeners: list[_Listener] = []
@@ -76,10 +83,15 @@ class MQService(service.MultiService):
         return [listener.port for listener in self._listeners if listener.port is not None]
 
     def stopService(self) -> defer.Deferred[None]:
-        """Stop accepting, close every connection, withdraw every waiting ``Get``.
+        """Stop accepting, close every connection, withdraw every waiting ``Get``,
+        then write what the store has pending and close it.
 
-        Fires once every connection has closed (at most a second after).
+        Fires once every connection has closed (at most a second after) and
+        the store is closed.
         """
         stopped = super().stopService()
         closed = self.factory.close_connections()
-        return defer.gatherResults([stopped, closed]).addCallback(lambda _: None)
+        done = defer.gatherResults([stopped, closed])
+        # Last: connections that close put their undelivered messages back.
+        done.addCallback(lambda _: defer.maybeDeferred(self.broker.store.stop))
+        return done.addCallback(lambda _: None)

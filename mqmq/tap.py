@@ -26,6 +26,8 @@ from mqmq.codec import max_frame_length
 from mqmq.info import encode_info
 from mqmq.limits import MAX_INFO_BYTES, Limits, parse_size
 from mqmq.service import MQService
+from mqmq.stores import STORE_FORMS, parse_store_description, store_from_description
+from mqmq.stores.sqlite import FSYNC_POLICIES
 
 _DEFAULTS = Limits()
 # A frame's length is a uint32, and must have room for Put and a queue name.
@@ -169,6 +171,13 @@ class Options(VersionOption, usage.Options):
         ["max-info-bytes", None, _DEFAULTS.max_info_bytes,
          "Largest Info reply; a larger one is refused with SERVER_INFO_TOO_LARGE "
          "(the default is the most one frame can carry).", size_option],
+        ["store", None, "memory:",
+         f"Where messages are kept: {STORE_FORMS}. memory: holds them in this "
+         "process only; sqlite:PATH keeps them in an SQLite database, across "
+         "restarts and crashes."],
+        ["fsync", None, "always",
+         "With a durable store, when written messages reach the disk: always (before "
+         "OK is answered), everysec (within a second), no (when the OS likes)."],
     ]
 
     def __init__(self) -> None:
@@ -216,6 +225,14 @@ class Options(VersionOption, usage.Options):
             )
         if self["max-info-bytes"] > MAX_INFO_BYTES:
             raise usage.UsageError(f"--max-info-bytes may be {MAX_INFO_BYTES} at most")
+        if self["fsync"] not in FSYNC_POLICIES:
+            raise usage.UsageError(
+                f"--fsync {self['fsync']!r}: want one of {', '.join(FSYNC_POLICIES)}"
+            )
+        try:
+            parse_store_description(self["store"])
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
         self["limits"] = Limits(**{
             field.name: self[field.name.replace("_", "-")] for field in fields(Limits)
         })
@@ -237,7 +254,8 @@ def make_server(options: Options, reactor: Any) -> MQService:
     """The server the options describe: a broker listening on every endpoint."""
     limits: Limits = options["limits"]
     _allow_open_files(limits.max_connections)
-    return MQService(reactor, options["endpoints"], limits)
+    store = store_from_description(options["store"], options["fsync"], reactor)
+    return MQService(reactor, options["endpoints"], limits, store)
 
 
 def addresses(server: MQService) -> str:

@@ -315,12 +315,12 @@ def check_books(world: World) -> None:
     assert world.factory.connections == {c.protocol for c in open_clients}
     queues = list(broker._queues.values())
     assert broker.num_queues == len(queues) <= LIMITS.max_queues
-    assert broker.num_messages == sum(len(q) for q in queues)
-    assert broker.num_bytes == sum(q.num_bytes for q in queues)
+    assert broker.num_messages == sum(len(q.messages) for q in queues)
+    assert broker.num_bytes == sum(q.messages.num_bytes for q in queues)
     # Only a message that could not be delivered may pass the storage limits.
     assert broker.num_messages <= LIMITS.max_queued_messages + world.put_backs
     for queue in queues:
-        assert not (len(queue) and queue.waiters), queue.name
+        assert not (len(queue.messages) and queue.waiters), queue.name
     # Every waiter belongs to a connection that is still open.
     assert sum(len(q.waiters) for q in queues) == sum(
         1 for c in open_clients if c.protocol is not None and c.protocol._waiting is not None

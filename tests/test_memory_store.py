@@ -1,4 +1,4 @@
-"""MessageQueue against a plain deque: packing must never change FIFO order."""
+"""The memory store's queue against a plain deque: packing must never change FIFO order."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mqmq.queue import PACK_BELOW, SEGMENT_BYTES, MessageQueue
+from mqmq.stores.memory import PACK_BELOW, SEGMENT_BYTES, MemoryQueue
 
 _messages = st.one_of(
     st.binary(max_size=PACK_BELOW - 1),
@@ -27,7 +27,7 @@ _operations = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(_operations)
 def test_queue_behaves_as_a_deque(operations: list[tuple[str, object]]) -> None:
-    queue = MessageQueue(b"q")
+    queue = MemoryQueue(b"q")
     model: deque[bytes] = deque()
     counter = 0
     for operation, argument in operations:
@@ -58,7 +58,7 @@ def test_queue_behaves_as_a_deque(operations: list[tuple[str, object]]) -> None:
 
 
 def test_short_messages_are_packed_into_segments() -> None:
-    queue = MessageQueue(b"q")
+    queue = MemoryQueue(b"q")
     message = b"x" * 100
     count = 3 * SEGMENT_BYTES // len(message)
     for _ in range(count):
@@ -70,7 +70,7 @@ def test_short_messages_are_packed_into_segments() -> None:
 
 
 def test_long_messages_are_kept_as_they_are() -> None:
-    queue = MessageQueue(b"q")
+    queue = MemoryQueue(b"q")
     long_message = b"y" * PACK_BELOW
     queue.push(b"short")
     queue.push(long_message)

@@ -1,14 +1,13 @@
-"""One named FIFO queue: its messages and the ``Get``s waiting on it."""
+"""The memory store: each queue's messages in this process, packed; nothing kept across restarts."""
 
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict, deque
+from collections import deque
 from struct import Struct
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
-if TYPE_CHECKING:
-    from mqmq.broker import Waiter
+from mqmq.stores.base import Batch, StoredQueue
 
 _UINT32 = Struct(">I")
 
@@ -49,11 +48,8 @@ class _Segment:
         return self.data[start : self.offset]
 
 
-class MessageQueue:
-    """Messages oldest first, and waiters in the order they started waiting.
-
-    A queue never holds messages and waiters at once: a message arriving
-    while someone waits goes straight to the oldest waiter.
+class MemoryQueue:
+    """One queue's messages, oldest first.
 
     New messages gather in a short *tail*; once the tail holds
     :data:`SEGMENT_BYTES` of short messages it is packed into one segment.
@@ -61,7 +57,7 @@ class MessageQueue:
     for packing.
     """
 
-    __slots__ = ("name", "_packed", "_tail", "_tail_bytes", "_count", "num_bytes", "waiters")
+    __slots__ = ("name", "_packed", "_tail", "_tail_bytes", "_count", "num_bytes")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -72,15 +68,12 @@ class MessageQueue:
         self._count = 0
         #: Bytes of message payload held.
         self.num_bytes = 0
-        # An OrderedDict is an ordered set with O(1) removal of any waiter,
-        # which a departing or timed-out waiter needs.
-        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
 
     def __len__(self) -> int:
         return self._count
 
     def push(self, message: bytes) -> None:
-        """Add a message at the back."""
+        """Add a message at the back (kept at once: nothing to wait for)."""
         self._count += 1
         self.num_bytes += len(message)
         if len(message) >= PACK_BELOW:
@@ -126,14 +119,33 @@ class MessageQueue:
         self.num_bytes -= len(message)
         return message
 
-    def add_waiter(self, waiter: Waiter) -> None:
-        self.waiters[waiter] = None
 
-    def remove_waiter(self, waiter: Waiter) -> None:
-        self.waiters.pop(waiter, None)
+class MemoryStore:
+    """Queues kept in this process's memory: fast, and gone with it."""
 
-    def pop_waiter(self) -> Optional[Waiter]:
-        """Remove and return the waiter that has waited longest, if any."""
-        if not self.waiters:
-            return None
-        return self.waiters.popitem(last=False)[0]
+    #: Changes are never waiting to be written: replies go out at once.
+    pending: Optional[Batch] = None
+    #: Why the store cannot take new messages; never, for memory.
+    failure: Optional[str] = None
+    dropped: Optional[Callable[[bytes, bytes], object]] = None
+
+    def queue(self, name: bytes) -> MemoryQueue:
+        return MemoryQueue(name)
+
+    def forget(self, queue: StoredQueue) -> None:
+        pass
+
+    def recovered(self) -> Iterable[MemoryQueue]:
+        return ()
+
+    def open(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "memory"

@@ -1,0 +1,104 @@
+"""The interface every store satisfies, and the batch of changes a durable one commits."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Protocol
+
+
+class StoredQueue(Protocol):
+    """One queue's messages as a store keeps them, oldest first.
+
+    Every call answers at once from memory: a durable store records the
+    change in its open :class:`Batch`, and whoever answers a client for it
+    waits for that batch (``Store.pending``) to be written.
+    """
+
+    name: bytes
+    #: Bytes of message payload held.
+    num_bytes: int
+
+    def __len__(self) -> int: ...
+
+    def push(self, message: bytes) -> Optional[int]:
+        """Add a message at the back; a durable store returns its id (see
+        :meth:`Batch.refused`), the memory store ``None``."""
+
+    def push_front(self, message: bytes) -> None:
+        """Put back a message that could not be delivered, to go out next."""
+
+    def pop(self) -> Optional[bytes]:
+        """Remove and return the oldest message, or ``None`` when empty."""
+
+
+class Store(Protocol):
+    """Where messages are kept.  The broker knows stores only through this."""
+
+    #: The batch collecting changes not yet written, if any; ``None`` when
+    #: everything done so far is already as safe as the store makes it.
+    pending: Optional[Batch]
+    #: Why the store cannot take new messages now (a failing disk), if so.
+    failure: Optional[str]
+    #: Set by the broker: called with (queue name, message) for each message
+    #: a store had taken but dropped because writing it failed.
+    dropped: Optional[Callable[[bytes, bytes], object]]
+
+    def queue(self, name: bytes) -> StoredQueue:
+        """A new, empty queue (recorded in the store)."""
+
+    def forget(self, queue: StoredQueue) -> None:
+        """Drop an empty queue the broker no longer keeps."""
+
+    def recovered(self) -> Iterable[StoredQueue]:
+        """The queues found at start-up, with their messages, in name order."""
+
+    def open(self) -> None:
+        """Open and read back what is stored, before :meth:`recovered`.
+
+        :raises StoreError: it cannot be opened or read.
+        """
+
+    def start(self) -> None:
+        """Start writing (called once opened, before serving)."""
+
+    def stop(self) -> object:
+        """Write what is pending and close; may return a Deferred."""
+
+    def describe(self) -> str:
+        """A short description for the log, e.g. ``sqlite:/var/lib/mqmq.db``."""
+
+
+class Batch:
+    """Changes that go to disk in one transaction, and who waits for them.
+
+    Batches are written one at a time, in the order they were opened, so a
+    reply held for one batch is never sent before a reply held for an
+    earlier one.
+    """
+
+    __slots__ = ("_listeners", "done", "_refused")
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[Batch], object]] = []
+        #: True once written (or once it failed and its new messages were dropped).
+        self.done = False
+        self._refused: frozenset[int] = frozenset()
+
+    def when_done(self, listener: Callable[[Batch], object]) -> None:
+        """Call ``listener(batch)`` once the batch is done (at once if it is)."""
+        if self.done:
+            listener(self)
+        else:
+            self._listeners.append(listener)
+
+    def refused(self, message_id: int) -> bool:
+        """True when the ``Put`` that stored ``message_id`` was not written
+        (the disk failed): it must be answered with an error, not ``OK``."""
+        return message_id in self._refused
+
+    def finish(self, refused: frozenset[int] = frozenset()) -> None:
+        """Mark the batch done and tell everyone waiting for it."""
+        self.done = True
+        self._refused = refused
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener(self)

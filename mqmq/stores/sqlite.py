@@ -1,0 +1,508 @@
+"""The SQLite store: every queue in one SQLite database (WAL mode), written by group commit in a thread.
+
+The reactor thread never writes.  Changes made while handling requests
+(a message added, taken, put back; a queue made or forgotten) are recorded
+in the open :class:`~mqmq.stores.base.Batch`; at the next turn of the
+reactor the batch goes to the store's one writer thread as one
+transaction.  While it is written the next batch gathers, so a busy server
+writes large transactions and an idle one small ones (group commit).
+Replies that depend on a batch are sent when it is written.
+
+Every queue's messages are also kept in memory (read back at start-up), so
+``Get`` never reads the disk.
+
+``--fsync`` decides when a written batch reaches the disk:
+
+- ``always``: each commit is synced (SQLite's ``synchronous=FULL``) before
+  its replies go out;
+- ``everysec``: commits are not synced (``synchronous=NORMAL``) and the
+  database and its WAL are synced once a second;
+- ``no``: commits are not synced; the OS writes when it likes (SQLite still
+  syncs when it checkpoints the WAL into the database).
+
+With every setting a reply waits for the commit, so a crash of the process
+(kill -9) loses nothing answered ``OK``.
+
+When a write fails (disk full, I/O error) the messages the batch added are
+dropped and their ``Put``s answered ``SERVER_STORAGE_ERROR``; the rest of
+it (removals, messages put back, queues) is kept and tried again once a
+second, new ``Put``s are refused meanwhile, and messages already stored
+are still delivered.  The first write that succeeds ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import deque
+from typing import Any, Callable, Iterable, Optional, cast
+
+from twisted.internet import task, threads
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mqmq.errors import StoreError
+from mqmq.stores.base import Batch, StoredQueue
+
+#: The layout this code writes (``PRAGMA user_version``); a database with a
+#: higher one came from a newer mqmq and is refused.
+SCHEMA_VERSION = 1
+FSYNC_POLICIES = ("always", "everysec", "no")
+#: While writes fail, how often they are tried again (seconds).
+RETRY_SECONDS = 1.0
+#: With ``everysec``, how often written data is synced (seconds).
+SYNC_SECONDS = 1.0
+
+_SCHEMA = """
+CREATE TABLE queues (
+    id INTEGER PRIMARY KEY,
+    name BLOB NOT NULL UNIQUE
+);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    queue INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX messages_in_order ON messages (queue, pos);
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('next_id', 1);
+"""
+
+
+class SqliteQueue:
+    """One queue's messages in memory, each change recorded for the database.
+
+    ``pos`` orders a queue's rows: new messages go after the last, messages
+    put back before the first.
+    """
+
+    __slots__ = ("name", "queue_id", "num_bytes", "_ids", "_messages", "_front", "_back", "_store")
+
+    def __init__(self, store: SqliteStore, name: bytes, queue_id: int) -> None:
+        self.name = name
+        self.queue_id = queue_id
+        self.num_bytes = 0
+        self._ids: deque[int] = deque()
+        self._messages: deque[bytes] = deque()
+        self._front = 0
+        self._back = 0
+        self._store = store
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def push(self, message: bytes) -> int:
+        store = self._store
+        message_id = store._next_id
+        store._next_id = message_id + 1
+        self._back += 1
+        self._ids.append(message_id)
+        self._messages.append(message)
+        self.num_bytes += len(message)
+        store._record_insert(message_id, (message_id, self.queue_id, self._back, message), fresh=True)
+        return message_id
+
+    def push_front(self, message: bytes) -> None:
+        store = self._store
+        message_id = store._next_id
+        store._next_id = message_id + 1
+        self._front -= 1
+        self._ids.appendleft(message_id)
+        self._messages.appendleft(message)
+        self.num_bytes += len(message)
+        store._record_insert(message_id, (message_id, self.queue_id, self._front, message), fresh=False)
+
+    def pop(self) -> Optional[bytes]:
+        if not self._messages:
+            return None
+        message_id = self._ids.popleft()
+        message = self._messages.popleft()
+        self.num_bytes -= len(message)
+        self._store._record_delete(message_id)
+        return message
+
+    def _load(self, message_id: int, pos: int, message: bytes) -> None:
+        # At start-up, in pos order.
+        if not self._messages:
+            self._front = pos
+        self._back = pos
+        self._ids.append(message_id)
+        self._messages.append(message)
+        self.num_bytes += len(message)
+
+    def _drop(self, message_id: int) -> Optional[bytes]:
+        """Remove a message whose Put was not written; it is near the back."""
+        ids = self._ids
+        for index in range(len(ids) - 1, -1, -1):
+            if ids[index] == message_id:
+                del ids[index]
+                message = self._messages[index]
+                del self._messages[index]
+                self.num_bytes -= len(message)
+                return message
+        return None
+
+
+class _Write:
+    """One batch's changes, as handed to the writer thread."""
+
+    __slots__ = ("batch", "new_queues", "inserts", "fresh", "deletes", "dropped_queues", "next_id")
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.new_queues: list[tuple[int, bytes]] = []
+        # Message id -> row; a message taken in the batch that added it
+        # never reaches the disk.
+        self.inserts: dict[int, tuple[int, int, int, bytes]] = {}
+        #: Ids of the messages added by Puts (not put back) in this batch.
+        self.fresh: set[int] = set()
+        self.deletes: list[int] = []
+        self.dropped_queues: list[int] = []
+        self.next_id = 0
+
+
+class SqliteStore:
+    """Queues in an SQLite database; see the module's docstring.
+
+    :param path: the database file (created if missing, with its directory's
+        permissions; the WAL and shared-memory files sit beside it).
+    :param fsync: ``always``, ``everysec`` or ``no``.
+    :param reactor: runs the writer thread's results and the timers.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, fsync: str = "always", reactor: Any = None) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
+        self.path = path
+        self.fsync = fsync
+        # The global reactor, if none is given, once opened: not before
+        # twistd has installed the one it was asked for.
+        self._reactor: Any = reactor
+        self.pending: Optional[Batch] = None
+        self.failure: Optional[str] = None
+        self._write: Optional[_Write] = None
+        self._writing = False
+        self._scheduled = False
+        self._retry: Any = None
+        self._syncer: Optional[task.LoopingCall] = None
+        self._unsynced = False
+        self._stopping: Optional[Deferred[None]] = None
+        self._queues: dict[bytes, SqliteQueue] = {}
+        self._queues_by_id: dict[int, SqliteQueue] = {}
+        self._next_id = 1
+        self._next_queue_id = 1
+        self._pool = ThreadPool(1, 1, "mqmq-sqlite")
+        self._db: Optional[sqlite3.Connection] = None
+
+    def open(self) -> None:
+        """Open the database and read every queue back.
+
+        :raises StoreError: it cannot be opened or read, is damaged, or was
+            written by a newer mqmq.
+        """
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        self._db = self._open()
+        self._recover()
+
+    # Opening and recovery ----------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        path = self.path
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open the database {path}: {error}") from None
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database {path} was written by a newer mqmq (layout {version}; "
+                    f"this one reads up to {SCHEMA_VERSION})"
+                )
+            if version == 0 and tables:
+                raise StoreError(f"{path} is an SQLite database, but not an mqmq one")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"cannot put the database {path} in WAL mode (it stays {mode!r})")
+            db.execute(f"PRAGMA synchronous = {'FULL' if self.fsync == 'always' else 'NORMAL'}")
+            if version == 0:
+                db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            else:
+                check = [row[0] for row in db.execute("PRAGMA quick_check")]
+                if check != ["ok"]:
+                    raise StoreError(f"the database {path} is damaged: {'; '.join(check[:5])}")
+        except sqlite3.Error as error:
+            db.close()
+            raise StoreError(f"cannot use the database {path}: {error}") from None
+        except StoreError:
+            db.close()
+            raise
+        return db
+
+    def _recover(self) -> None:
+        db = self._db
+        assert db is not None
+        try:
+            for queue_id, name in db.execute("SELECT id, name FROM queues ORDER BY name"):
+                queue = SqliteQueue(self, bytes(name), queue_id)
+                self._queues[queue.name] = queue
+                self._queues_by_id[queue_id] = queue
+                self._next_queue_id = max(self._next_queue_id, queue_id + 1)
+            by_id = self._queues_by_id
+            for queue_id, message_id, pos, body in db.execute(
+                "SELECT queue, id, pos, body FROM messages ORDER BY queue, pos"
+            ):
+                owner = by_id.get(queue_id)
+                if owner is None:
+                    raise StoreError(f"the database {self.path} is damaged: "
+                                     f"message {message_id} belongs to no queue")
+                owner._load(message_id, pos, body)
+            (stored_next,) = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
+            (highest,) = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        except sqlite3.Error as error:
+            db.close()
+            raise StoreError(f"cannot read the database {self.path}: {error}") from None
+        except StoreError:
+            db.close()
+            raise
+        self._next_id = max(stored_next, highest + 1)
+
+    def recovered(self) -> Iterable[SqliteQueue]:
+        return list(self._queues.values())
+
+    def describe(self) -> str:
+        return f"sqlite:{self.path} (fsync {self.fsync})"
+
+    # Queues ------------------------------------------------------------------
+
+    def queue(self, name: bytes) -> SqliteQueue:
+        queue_id = self._next_queue_id
+        self._next_queue_id += 1
+        queue = SqliteQueue(self, name, queue_id)
+        self._queues[name] = queue
+        self._queues_by_id[queue_id] = queue
+        self._open_write().new_queues.append((queue_id, name))
+        return queue
+
+    def forget(self, stored: StoredQueue) -> None:
+        queue = cast(SqliteQueue, stored)
+        self._queues.pop(queue.name, None)
+        self._queues_by_id.pop(queue.queue_id, None)
+        write = self._open_write()
+        for index, (queue_id, _) in enumerate(write.new_queues):
+            if queue_id == queue.queue_id:
+                # Made and forgotten in one batch: the disk never sees it.
+                del write.new_queues[index]
+                return
+        write.dropped_queues.append(queue.queue_id)
+
+    # Recording changes ---------------------------------------------------------
+
+    def _open_write(self) -> _Write:
+        write = self._write
+        if write is None:
+            self.pending = batch = Batch()
+            write = self._write = _Write(batch)
+            if not self._writing and not self._scheduled and self.failure is None:
+                self._scheduled = True
+                self._reactor.callLater(0, self._write_pending)
+        return write
+
+    def _record_insert(self, message_id: int, row: tuple[int, int, int, bytes], fresh: bool) -> None:
+        write = self._write or self._open_write()
+        write.inserts[message_id] = row
+        if fresh:
+            write.fresh.add(message_id)
+
+    def _record_delete(self, message_id: int) -> None:
+        write = self._write or self._open_write()
+        if write.inserts.pop(message_id, None) is not None:
+            write.fresh.discard(message_id)
+        else:
+            write.deletes.append(message_id)
+
+    # Writing -------------------------------------------------------------------
+
+    def _write_pending(self) -> None:
+        self._scheduled = False
+        if self._writing:
+            return
+        write = self._write
+        if write is None:
+            if self.failure is None:
+                return
+            # Failing with nothing to write: a write of the counter alone
+            # finds out whether the disk is back.
+            write = self._open_write()
+        self._write = None
+        self.pending = None
+        write.next_id = self._next_id
+        self._writing = True
+        writing = threads.deferToThreadPool(self._reactor, self._pool, self._commit, write)  # type: ignore[arg-type]
+        writing.addCallbacks(self._written, self._write_failed, callbackArgs=(write,), errbackArgs=(write,))
+
+    def _commit(self, write: _Write) -> None:
+        # In the writer thread: the only code that touches the database
+        # once the store has started.
+        db = self._db
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            if write.new_queues:
+                db.executemany("INSERT INTO queues (id, name) VALUES (?, ?)", write.new_queues)
+            if write.inserts:
+                db.executemany("INSERT INTO messages (id, queue, pos, body) VALUES (?, ?, ?, ?)",
+                               write.inserts.values())
+            if write.deletes:
+                db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in write.deletes])
+            if write.dropped_queues:
+                db.executemany("DELETE FROM queues WHERE id = ?", [(i,) for i in write.dropped_queues])
+            db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (write.next_id,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+
+    def _written(self, _: object, write: _Write) -> None:
+        self._writing = False
+        self._unsynced = True
+        if self.failure is not None:
+            self.log.info("the database {path} takes writes again", path=self.path)
+            self.failure = None
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            self._retry = None
+        write.batch.finish()
+        self._after_write()
+
+    def _write_failed(self, reason: Failure, write: _Write) -> None:
+        self._writing = False
+        error = reason.value
+        if not isinstance(error, (sqlite3.Error, OSError)):
+            self.log.failure("writing to the database {path} failed", reason, path=self.path)
+        elif self.failure is None:
+            self.log.error("cannot write to the database {path}: {error}; refusing new messages "
+                           "until it can", path=self.path, error=error)
+        self.failure = f"cannot write to the database: {error}"
+        # The messages the batch added were never stored: out of memory too,
+        # and their Puts answered with an error.
+        refused = frozenset(write.fresh)
+        for message_id in write.fresh:
+            queue = self._queues_by_id.get(write.inserts[message_id][1])
+            if queue is None:
+                continue
+            message = queue._drop(message_id)
+            if message is not None and self.dropped is not None:
+                self.dropped(queue.name, message)
+        # The rest was already promised: it goes first in the next write.
+        kept = self._write
+        retry = self._write = _Write(kept.batch if kept is not None else Batch())
+        self.pending = retry.batch
+        retry.new_queues = write.new_queues + (kept.new_queues if kept else [])
+        retry.inserts = {i: row for i, row in write.inserts.items() if i not in write.fresh}
+        if kept is not None:
+            retry.inserts.update(kept.inserts)
+            retry.fresh = kept.fresh
+            retry.deletes = write.deletes + kept.deletes
+            retry.dropped_queues = write.dropped_queues + kept.dropped_queues
+        else:
+            retry.deletes = write.deletes
+            retry.dropped_queues = write.dropped_queues
+        write.batch.finish(refused)
+        if self._stopping is not None:
+            self._stopped()
+            return
+        self._retry = self._reactor.callLater(RETRY_SECONDS, self._write_pending)
+
+    def _after_write(self) -> None:
+        if self._write is not None and self.failure is None:
+            self._write_pending()
+        elif self._stopping is not None and self._write is None:
+            self._stopped()
+
+    #: Called with (queue name, message) for each message dropped because
+    #: its Put was not written; the broker sets it to keep its counts.
+    dropped: Optional[Callable[[bytes, bytes], object]] = None
+
+    # Syncing (everysec) ----------------------------------------------------------
+
+    def _sync(self) -> None:
+        # Queued behind any write in progress (one writer thread).
+        if not self._unsynced:
+            return
+        self._unsynced = False
+        threads.deferToThreadPool(self._reactor, self._pool, self._sync_files).addErrback(  # type: ignore[arg-type]
+            lambda reason: self.log.error("syncing the database {path} failed: {error}",
+                                          path=self.path, error=reason.value)
+        )
+
+    def _sync_files(self) -> None:
+        for path in (self.path + "-wal", self.path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # Starting and stopping -------------------------------------------------------
+
+    def start(self) -> None:
+        self._pool.start()
+        if self.fsync == "everysec":
+            self._syncer = task.LoopingCall(self._sync)
+            self._syncer.clock = self._reactor
+            self._syncer.start(SYNC_SECONDS, now=False)
+
+    def stop(self) -> Deferred[None]:
+        """Write what is pending, sync, and close the database."""
+        if self._stopping is not None:
+            return self._stopping
+        self._stopping = Deferred()
+        if self._syncer is not None and self._syncer.running:
+            self._syncer.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+            self._retry = None
+        if self._writing:
+            pass  # _written or _write_failed goes on from here
+        elif self._write is not None and self.failure is None:
+            self._write_pending()
+        else:
+            self._stopped()
+        return self._stopping
+
+    def _stopped(self) -> None:
+        stopping = self._stopping
+        assert stopping is not None
+        if self._write is not None:
+            self.log.error("stopping with changes the database {path} did not take "
+                           "(removals of delivered messages, put-backs): {error}",
+                           path=self.path, error=self.failure)
+        if self._pool.started:
+            self._pool.stop()
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+        if not stopping.called:
+            stopping.callback(None)
