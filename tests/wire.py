@@ -5,7 +5,7 @@ Shared by the tests of the protocol, its limits and its backpressure.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
@@ -15,16 +15,23 @@ from mqmq.broker import Broker
 from mqmq.codec import decode_frames, encode_frame
 from mqmq.limits import Limits
 from mqmq.server import MQServerFactory, MQServerProtocol
+from mqmq.stores.base import Store
 
 Frame = list[bytes]
 
 
 class Server:
-    """One broker with the given limits and its factory, on a fake clock."""
+    """One broker with the given limits and its factory, on a fake clock.
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    ``store``, if given, makes the broker's store from the clock; the broker
+    is then started (which opens the store).
+    """
+
+    def __init__(self, limits: Limits = Limits(), store: Optional[Callable[[task.Clock], Store]] = None) -> None:
         self.clock = task.Clock()
-        self.broker = Broker(self.clock, limits)
+        self.broker = Broker(self.clock, limits, None if store is None else store(self.clock))
+        if store is not None:
+            self.broker.startService()
         self.factory = MQServerFactory(self.broker)
         self._port = 40000
 

@@ -174,11 +174,21 @@ class SqliteStore:
         permissions; the WAL and shared-memory files sit beside it).
     :param fsync: ``always``, ``everysec`` or ``no``.
     :param reactor: runs the writer thread's results and the timers.
+    :param run_writes: how a write is run: by default in the store's one
+        writer thread (``deferToThreadPool``); tests pass a function that
+        runs it at once (``defer.maybeDeferred``), to drive the store with a
+        ``task.Clock``.
     """
 
     log = Logger()
 
-    def __init__(self, path: str, fsync: str = "always", reactor: Any = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        fsync: str = "always",
+        reactor: Any = None,
+        run_writes: Optional[Callable[..., Deferred[Any]]] = None,
+    ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
         self.path = path
@@ -190,6 +200,10 @@ class SqliteStore:
         self.failure: Optional[str] = None
         self._write: Optional[_Write] = None
         self._writing = False
+        self._in_flight: Optional[Batch] = None
+        #: Transactions written, and the changes (rows) they held, since start.
+        self.commits = 0
+        self.rows_written = 0
         self._scheduled = False
         self._retry: Any = None
         self._syncer: Optional[task.LoopingCall] = None
@@ -200,6 +214,7 @@ class SqliteStore:
         self._next_id = 1
         self._next_queue_id = 1
         self._pool = ThreadPool(1, 1, "mqmq-sqlite")
+        self._run_writes = run_writes
         self._db: Optional[sqlite3.Connection] = None
 
     def open(self) -> None:
@@ -350,7 +365,8 @@ class SqliteStore:
         self.pending = None
         write.next_id = self._next_id
         self._writing = True
-        writing = threads.deferToThreadPool(self._reactor, self._pool, self._commit, write)  # type: ignore[arg-type]
+        self._in_flight = write.batch
+        writing = self._run(self._commit, write)
         writing.addCallbacks(self._written, self._write_failed, callbackArgs=(write,), errbackArgs=(write,))
 
     def _commit(self, write: _Write) -> None:
@@ -381,7 +397,11 @@ class SqliteStore:
 
     def _written(self, _: object, write: _Write) -> None:
         self._writing = False
+        self._in_flight = None
         self._unsynced = True
+        self.commits += 1
+        self.rows_written += (len(write.new_queues) + len(write.inserts) + len(write.deletes)
+                              + len(write.dropped_queues))
         if self.failure is not None:
             self.log.info("the database {path} takes writes again", path=self.path)
             self.failure = None
@@ -393,6 +413,7 @@ class SqliteStore:
 
     def _write_failed(self, reason: Failure, write: _Write) -> None:
         self._writing = False
+        self._in_flight = None
         error = reason.value
         if not isinstance(error, (sqlite3.Error, OSError)):
             self.log.failure("writing to the database {path} failed", reason, path=self.path)
@@ -440,6 +461,21 @@ class SqliteStore:
     #: its Put was not written; the broker sets it to keep its counts.
     dropped: Optional[Callable[[bytes, bytes], object]] = None
 
+    def _run(self, function: Callable[..., None], *args: Any) -> Deferred[None]:
+        if self._run_writes is not None:
+            return self._run_writes(function, *args)
+        return threads.deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once every change made so far has been written (or has failed)."""
+        last = self.pending or self._in_flight
+        done: Deferred[None] = Deferred()
+        if last is None:
+            done.callback(None)
+        else:
+            last.when_done(lambda _: done.callback(None))
+        return done
+
     # Syncing (everysec) ----------------------------------------------------------
 
     def _sync(self) -> None:
@@ -447,7 +483,7 @@ class SqliteStore:
         if not self._unsynced:
             return
         self._unsynced = False
-        threads.deferToThreadPool(self._reactor, self._pool, self._sync_files).addErrback(  # type: ignore[arg-type]
+        self._run(self._sync_files).addErrback(
             lambda reason: self.log.error("syncing the database {path} failed: {error}",
                                           path=self.path, error=reason.value)
         )
@@ -466,7 +502,8 @@ class SqliteStore:
     # Starting and stopping -------------------------------------------------------
 
     def start(self) -> None:
-        self._pool.start()
+        if self._run_writes is None:
+            self._pool.start()
         if self.fsync == "everysec":
             self._syncer = task.LoopingCall(self._sync)
             self._syncer.clock = self._reactor

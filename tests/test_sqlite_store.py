@@ -1,0 +1,250 @@
+"""The SQLite store, for real, driven deterministically: a ``task.Clock`` and
+writes run at once (``run_writes``) instead of in the writer thread."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from twisted.internet import defer, task
+
+from mqmq.broker import Broker
+from mqmq.errors import StoreError
+from mqmq.limits import Limits
+from mqmq.stores.sqlite import SCHEMA_VERSION, SqliteStore
+from wire import Server
+
+OK = [b"OK"]
+
+
+def sqlite_store(path: Path, fsync: str = "always") -> Callable[[task.Clock], SqliteStore]:
+    def make(clock: task.Clock) -> SqliteStore:
+        return SqliteStore(str(path), fsync, clock, run_writes=defer.maybeDeferred)
+
+    return make
+
+
+def started(path: Path, fsync: str = "always", limits: Limits = Limits()) -> tuple[task.Clock, Broker]:
+    clock = task.Clock()
+    broker = Broker(clock, limits, sqlite_store(path, fsync)(clock))
+    broker.startService()
+    return clock, broker
+
+
+def stop(clock: task.Clock, broker: Broker) -> None:
+    clock.advance(0)
+    stopping = broker.store.stop()
+    assert isinstance(stopping, defer.Deferred) and stopping.called
+
+
+def contents(broker: Broker) -> dict[bytes, list[bytes]]:
+    found: dict[bytes, list[bytes]] = {}
+    for name, _ in list(broker.queue_sizes()):
+        messages = []
+        while (message := broker.take(name)) is not None:
+            messages.append(message)
+        found[name] = messages
+    return found
+
+
+def rows(path: Path, query: str) -> list[Any]:
+    with sqlite3.connect(path) as db:
+        return db.execute(query).fetchall()
+
+
+def test_messages_come_back_after_a_restart_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path)
+    for message in (b"a", b"b", b"c"):
+        broker.put(b"jobs", message)
+    broker.put(b"other", b"d")
+    assert broker.take(b"jobs") == b"a"
+    broker.put_back(b"jobs", b"a")  # its consumer left: at the front again
+    assert broker.take(b"other") == b"d"
+    broker.take(b"empty")  # a queue made by a Get, holding nothing
+    stop(clock, broker)
+
+    clock, again = started(path)
+    assert again.num_messages == 3 and again.num_bytes == 3
+    assert again.info_json() == (
+        b'{"NumConnections":0,"NumQueues":3,"NumMessages":3,'
+        b'"Queues":{"empty":{"NumMessages":0},"jobs":{"NumMessages":3},"other":{"NumMessages":0}}}'
+    )
+    assert contents(again) == {b"empty": [], b"jobs": [b"a", b"b", b"c"], b"other": []}
+    stop(clock, again)
+
+
+def test_puts_back_go_in_front_of_each_other_in_order_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path)
+    for message in (b"1", b"2", b"3", b"4"):
+        broker.put(b"q", message)
+    taken = [broker.take(b"q") for _ in range(3)]
+    broker.put_back(b"q", *taken[1:])  # 2 and 3 come back
+    broker.put_back(b"q", taken[0])  # then 1, before them
+    stop(clock, broker)
+    clock, again = started(path)
+    assert contents(again) == {b"q": [b"1", b"2", b"3", b"4"]}
+    stop(clock, again)
+
+
+def test_a_put_is_answered_once_it_is_written(tmp_path: Path) -> None:
+    server = Server(store=sqlite_store(tmp_path / "q.db"))
+    connection = server.connect()
+    connection.send([b"Put", b"q", b"hello"])
+    assert connection.replies() == []
+    assert rows(tmp_path / "q.db", "SELECT body FROM messages") == []
+    server.clock.advance(0)
+    assert connection.replies() == [OK]
+    assert rows(tmp_path / "q.db", "SELECT body FROM messages") == [(b"hello",)]
+
+
+def test_a_message_is_sent_once_its_removal_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    server = Server(store=sqlite_store(path))
+    connection = server.connect()
+    connection.send([b"Put", b"q", b"hello"])
+    server.clock.advance(0)
+    assert connection.replies() == [OK]
+    connection.send([b"Get", b"q", b"0"])
+    assert connection.replies() == []
+    assert rows(path, "SELECT count(*) FROM messages") == [(1,)]
+    server.clock.advance(0)
+    assert connection.replies() == [[b"OK", b"hello"]]
+    assert rows(path, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_replies_keep_their_order_behind_held_ones(tmp_path: Path) -> None:
+    server = Server(store=sqlite_store(tmp_path / "q.db"))
+    connection = server.connect()
+    # A Put (held for the write), a refused request and a Get that times
+    # out (neither needs the disk) must still come in the order asked.
+    connection.send([b"Put", b"q", b"m"], [b"Get", b"x" * 2000], [b"Get", b"empty", b"5"])
+    assert connection.replies() == []
+    server.clock.advance(0)
+    assert connection.replies() == [OK, [b"Error", b"REQUEST_BAD_QUEUE_NAME"]]
+    server.clock.advance(0.005)
+    assert connection.replies() == [[b"Timeout"]]
+
+
+def test_quit_sends_the_held_replies_first(tmp_path: Path) -> None:
+    server = Server(store=sqlite_store(tmp_path / "q.db"))
+    connection = server.connect()
+    connection.send([b"Put", b"q", b"m"], [b"Quit"])
+    assert not connection.closed
+    server.clock.advance(0)
+    assert connection.replies() == [OK]
+    assert connection.closed
+
+
+def test_one_transaction_for_what_one_turn_did(tmp_path: Path) -> None:
+    server = Server(store=sqlite_store(tmp_path / "q.db"))
+    store = server.broker.store
+    assert isinstance(store, SqliteStore)
+    first, second = server.connect(), server.connect()
+    first.send(*[[b"Put", b"q", b"%d" % n] for n in range(500)])
+    second.send(*[[b"Put", b"r", b"%d" % n] for n in range(300)])
+    server.clock.advance(0)
+    assert store.commits == 1
+    assert store.rows_written == 2 + 800
+    assert first.replies() == [OK] * 500 and second.replies() == [OK] * 300
+
+
+def test_a_message_taken_in_the_turn_that_put_it_never_reaches_the_disk(tmp_path: Path) -> None:
+    server = Server(store=sqlite_store(tmp_path / "q.db"))
+    store = server.broker.store
+    assert isinstance(store, SqliteStore)
+    connection = server.connect()
+    connection.send([b"Put", b"q", b"m"], [b"Get", b"q"])
+    server.clock.advance(0)
+    assert connection.replies() == [OK, [b"OK", b"m"]]
+    assert store.rows_written == 1  # the queue alone
+
+
+def test_a_held_message_goes_back_to_the_front_when_its_consumer_leaves(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    server = Server(store=sqlite_store(path))
+    producer, consumer = server.connect(), server.connect()
+    producer.send([b"Put", b"q", b"first"], [b"Put", b"q", b"second"])
+    server.clock.advance(0)
+    consumer.send([b"Get", b"q"])
+    consumer.close()  # before the removal was written: its reply never left
+    server.clock.advance(0)
+    assert consumer.replies() == []
+    assert rows(path, "SELECT body FROM messages ORDER BY pos") == [(b"first",), (b"second",)]
+    assert server.queue_contents() == {b"q": [b"first", b"second"]}
+
+
+def test_forgotten_empty_queues_leave_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path, limits=Limits(max_queues=1))
+    broker.put(b"old", b"m")
+    broker.take(b"old")
+    broker.put(b"new", b"n")  # forgets "old", which holds nothing
+    stop(clock, broker)
+    assert rows(path, "SELECT name FROM queues") == [(b"new",)]
+
+
+@pytest.mark.parametrize("fsync, synchronous", [("always", 2), ("everysec", 1), ("no", 1)])
+def test_fsync_settings(tmp_path: Path, fsync: str, synchronous: int) -> None:
+    clock, broker = started(tmp_path / "q.db", fsync)
+    store = broker.store
+    assert isinstance(store, SqliteStore)
+    assert store._db is not None
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == synchronous
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    broker.put(b"q", b"m")
+    clock.advance(0)
+    assert store._unsynced
+    clock.advance(1)
+    # everysec syncs within a second; the others leave it.
+    assert store._unsynced == (fsync != "everysec")
+    stop(clock, broker)
+
+
+def test_a_database_from_a_newer_mqmq_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    stop(*started(path))
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer mqmq"):
+        started(path)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    path.write_bytes(b"this is not a database, but a file of text that is long enough " * 100)
+    with pytest.raises(StoreError, match="not a database"):
+        started(path)
+
+
+def test_another_programs_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE accounts (id INTEGER)")
+    with pytest.raises(StoreError, match="not an mqmq one"):
+        started(path)
+
+
+def test_a_damaged_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path)
+    for number in range(3000):
+        broker.put(b"q%d" % (number % 7), b"message %d " % number * 20)
+    stop(clock, broker)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    assert len(data) > 40 * 4096
+    for page in range(5, len(data) // 4096, 3):
+        data[page * 4096 : page * 4096 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged|malformed|cannot read|not a database"):
+        started(path)
+
+
+def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot open the database .*missing"):
+        started(tmp_path / "missing" / "q.db")
