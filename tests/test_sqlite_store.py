@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 
 from mqmq.broker import Broker
 from mqmq.errors import StoreError
 from mqmq.limits import Limits
-from mqmq.stores.sqlite import SCHEMA_VERSION, SqliteStore
+from mqmq.stores.sqlite import SCHEMA_VERSION, SqliteQueue, SqliteStore
 from wire import Server
 
 OK = [b"OK"]
@@ -248,3 +250,81 @@ def test_a_damaged_database_is_refused(tmp_path: Path) -> None:
 def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open the database .*missing"):
         started(tmp_path / "missing" / "q.db")
+
+
+@pytest.fixture
+def small_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window of 8 messages or 64 bytes, refilled at 4: spilling shows at once."""
+    from mqmq.stores import sqlite
+
+    monkeypatch.setattr(sqlite, "WINDOW_MESSAGES", 8)
+    monkeypatch.setattr(sqlite, "WINDOW_BYTES", 64)
+    monkeypatch.setattr(sqlite, "WINDOW_REFILL_BELOW", 4)
+
+
+def in_memory(broker: Broker, queue: bytes) -> int:
+    stored = broker._queues[queue].messages
+    assert isinstance(stored, SqliteQueue)
+    return len(stored._messages) + len(stored._spilled)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_a_long_queue_keeps_a_window_in_memory_and_the_rest_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path)
+    sent = [b"m%03d" % n for n in range(200)]
+    for message in sent:
+        broker.put(b"q", message)
+    clock.advance(0)
+    assert len(broker._queues[b"q"].messages) == 200 and broker.num_messages == 200
+    assert in_memory(broker, b"q") == 8
+    taken = [broker.take(b"q") for _ in range(120)]
+    clock.advance(0)
+    assert in_memory(broker, b"q") <= 8
+    stop(clock, broker)
+
+    clock, again = started(path)
+    assert again.num_messages == 80 and again.num_bytes == 80 * 4
+    assert in_memory(again, b"q") == 8
+    assert taken + contents(again)[b"q"] == sent
+    stop(clock, again)
+
+
+@pytest.mark.usefixtures("small_window")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 2), st.binary(max_size=40)),
+    st.tuples(st.just("take"), st.integers(0, 2), st.just(b"")),
+    st.tuples(st.just("put_back"), st.integers(0, 2), st.binary(max_size=40)),
+    st.tuples(st.just("write"), st.just(0), st.just(b"")),
+    st.tuples(st.just("restart"), st.just(0), st.just(b"")),
+), max_size=120))
+def test_the_store_is_a_fifo_whatever_is_done_and_written_when(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, bytes]]
+) -> None:
+    path = tmp_path_factory.mktemp("fifo") / "q.db"
+    model: dict[bytes, list[bytes]] = {b"a": [], b"b": [], b"c": []}
+    names = list(model)
+    clock, broker = started(path)
+    for action, index, message in steps:
+        queue = names[index]
+        if action == "put":
+            broker.put(queue, message)
+            model[queue].append(message)
+        elif action == "take":
+            assert broker.take(queue) == (model[queue].pop(0) if model[queue] else None)
+        elif action == "put_back":
+            broker.put_back(queue, message)
+            model[queue].insert(0, message)
+        elif action == "write":
+            clock.advance(0)
+        else:
+            stop(clock, broker)
+            clock, broker = started(path)
+        assert broker.num_messages == sum(map(len, model.values()))
+        assert broker.num_bytes == sum(len(m) for q in model.values() for m in q)
+    stop(clock, broker)
+    clock, broker = started(path)
+    found = contents(broker)
+    assert {name: found.get(name, []) for name in model} == model
+    stop(clock, broker)

@@ -54,6 +54,12 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 RETRY_SECONDS = 1.0
 #: With ``everysec``, how often written data is synced (seconds).
 SYNC_SECONDS = 1.0
+#: A queue's window: at most this many of its oldest messages, and this many
+#: bytes of them (but always one), are kept in memory; the rest on disk.
+WINDOW_MESSAGES = 2000
+WINDOW_BYTES = 1024 * 1024
+#: The window is refilled from the disk when it holds this many or fewer.
+WINDOW_REFILL_BELOW = WINDOW_MESSAGES // 2
 
 _SCHEMA = """
 CREATE TABLE queues (
@@ -76,36 +82,65 @@ INSERT INTO meta (key, value) VALUES ('next_id', 1);
 
 
 class SqliteQueue:
-    """One queue's messages in memory, each change recorded for the database.
+    """One queue: a window of its oldest messages in memory, the rest on disk.
 
     ``pos`` orders a queue's rows: new messages go after the last, messages
-    put back before the first.
+    put back before the first.  While the queue is short every message is
+    in the window.  Once the window holds :data:`WINDOW_MESSAGES` messages
+    or :data:`WINDOW_BYTES` bytes, new messages *spill*: they are kept in
+    memory only until the batch that writes them is written, and from then
+    on are on disk alone.  As consumers drain the window it is refilled
+    from the disk, oldest first (a read of at most a window, in the reactor
+    thread: about a millisecond), then from the spilled messages not yet
+    written.  So memory does not grow with what a queue holds.
     """
 
-    __slots__ = ("name", "queue_id", "num_bytes", "_ids", "_messages", "_front", "_back", "_store")
+    __slots__ = ("name", "queue_id", "num_bytes", "_ids", "_messages", "_window_bytes",
+                 "_spilled", "_on_disk", "_tail_pos", "_front", "_back", "_store")
 
     def __init__(self, store: SqliteStore, name: bytes, queue_id: int) -> None:
         self.name = name
         self.queue_id = queue_id
+        #: Bytes of all its messages: in the window, spilled and on disk.
         self.num_bytes = 0
+        # The window, oldest first.
         self._ids: deque[int] = deque()
         self._messages: deque[bytes] = deque()
+        self._window_bytes = 0
+        # Spilled messages whose batch is not yet written: (id, pos, message, batch).
+        self._spilled: deque[tuple[int, int, bytes, Batch]] = deque()
+        # Messages on disk alone, after the window and before the spilled ones.
+        self._on_disk = 0
+        # The pos of the newest message read into the window: the disk is
+        # read after it.
+        self._tail_pos = 0
         self._front = 0
         self._back = 0
         self._store = store
 
     def __len__(self) -> int:
-        return len(self._messages)
+        return len(self._messages) + len(self._spilled) + self._on_disk
 
     def push(self, message: bytes) -> int:
         store = self._store
         message_id = store._next_id
         store._next_id = message_id + 1
-        self._back += 1
+        self._back = pos = self._back + 1
+        size = len(message)
+        self.num_bytes += size
+        if self._on_disk or self._spilled or (
+            self._messages and (len(self._messages) >= WINDOW_MESSAGES
+                                or self._window_bytes + size > WINDOW_BYTES)
+        ):
+            write = store._record_insert(message_id, (message_id, self.queue_id, pos, message), fresh=True)
+            self._spilled.append((message_id, pos, message, write.batch))
+            write.spilled.add(self)
+            return message_id
         self._ids.append(message_id)
         self._messages.append(message)
-        self.num_bytes += len(message)
-        store._record_insert(message_id, (message_id, self.queue_id, self._back, message), fresh=True)
+        self._window_bytes += size
+        self._tail_pos = pos
+        store._record_insert(message_id, (message_id, self.queue_id, pos, message), fresh=True)
         return message_id
 
     def push_front(self, message: bytes) -> None:
@@ -115,35 +150,74 @@ class SqliteQueue:
         self._front -= 1
         self._ids.appendleft(message_id)
         self._messages.appendleft(message)
+        self._window_bytes += len(message)
         self.num_bytes += len(message)
+        if len(self._messages) == 1 and not (self._on_disk or self._spilled):
+            self._tail_pos = self._front
         store._record_insert(message_id, (message_id, self.queue_id, self._front, message), fresh=False)
 
     def pop(self) -> Optional[bytes]:
-        if not self._messages:
+        messages = self._messages
+        if len(messages) <= WINDOW_REFILL_BELOW and (self._on_disk or self._spilled):
+            self._refill()
+        if not messages:
             return None
         message_id = self._ids.popleft()
-        message = self._messages.popleft()
+        message = messages.popleft()
+        self._window_bytes -= len(message)
         self.num_bytes -= len(message)
         self._store._record_delete(message_id)
         return message
 
-    def _load(self, message_id: int, pos: int, message: bytes) -> None:
-        # At start-up, in pos order.
-        if not self._messages:
-            self._front = pos
-        self._back = pos
+    def _refill(self) -> None:
+        """Fill the window from the disk, then from the spilled messages."""
+        room = WINDOW_MESSAGES - len(self._messages)
+        spilled = self._spilled
+        if self._on_disk and room > 0:
+            for message_id, pos, body in self._store._read(self.queue_id, self._tail_pos, room,
+                                                          WINDOW_BYTES - self._window_bytes):
+                if spilled and spilled[0][0] == message_id:
+                    # Written a moment ago; the news has not reached us yet.
+                    spilled.popleft()
+                else:
+                    self._on_disk -= 1
+                self._take_in(message_id, pos, bytes(body))
+                room -= 1
+        while spilled and room > 0 and (not self._messages or
+                                        self._window_bytes + len(spilled[0][2]) <= WINDOW_BYTES):
+            message_id, pos, message, _ = spilled.popleft()
+            self._take_in(message_id, pos, message)
+            room -= 1
+
+    def _take_in(self, message_id: int, pos: int, message: bytes) -> None:
         self._ids.append(message_id)
         self._messages.append(message)
-        self.num_bytes += len(message)
+        self._window_bytes += len(message)
+        self._tail_pos = pos
+
+    def _written(self) -> None:
+        """Spilled messages whose batch is written are on disk alone now."""
+        spilled = self._spilled
+        while spilled and spilled[0][3].done:
+            spilled.popleft()
+            self._on_disk += 1
 
     def _drop(self, message_id: int) -> Optional[bytes]:
         """Remove a message whose Put was not written; it is near the back."""
+        spilled = self._spilled
+        for index in range(len(spilled) - 1, -1, -1):
+            if spilled[index][0] == message_id:
+                message = spilled[index][2]
+                del spilled[index]
+                self.num_bytes -= len(message)
+                return message
         ids = self._ids
         for index in range(len(ids) - 1, -1, -1):
             if ids[index] == message_id:
                 del ids[index]
                 message = self._messages[index]
                 del self._messages[index]
+                self._window_bytes -= len(message)
                 self.num_bytes -= len(message)
                 return message
         return None
@@ -152,7 +226,8 @@ class SqliteQueue:
 class _Write:
     """One batch's changes, as handed to the writer thread."""
 
-    __slots__ = ("batch", "new_queues", "inserts", "fresh", "deletes", "dropped_queues", "next_id")
+    __slots__ = ("batch", "new_queues", "inserts", "fresh", "deletes", "dropped_queues", "next_id",
+                 "spilled")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
@@ -165,6 +240,8 @@ class _Write:
         self.deletes: list[int] = []
         self.dropped_queues: list[int] = []
         self.next_id = 0
+        #: Queues with messages spilled in this batch (SqliteQueue._written).
+        self.spilled: set[SqliteQueue] = set()
 
 
 class SqliteStore:
@@ -216,6 +293,7 @@ class SqliteStore:
         self._pool = ThreadPool(1, 1, "mqmq-sqlite")
         self._run_writes = run_writes
         self._db: Optional[sqlite3.Connection] = None
+        self._reader: Optional[sqlite3.Connection] = None
 
     def open(self) -> None:
         """Open the database and read every queue back.
@@ -228,6 +306,14 @@ class SqliteStore:
 
             self._reactor = reactor
         self._db = self._open()
+        try:
+            # Reads, in the reactor thread, of the messages that are on disk
+            # alone (SqliteQueue._refill); in WAL mode they never wait for
+            # the writer.
+            self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            self._db.close()
+            raise StoreError(f"cannot open the database {self.path}: {error}") from None
         self._recover()
 
     # Opening and recovery ----------------------------------------------------
@@ -267,7 +353,7 @@ class SqliteStore:
         return db
 
     def _recover(self) -> None:
-        db = self._db
+        db = self._reader
         assert db is not None
         try:
             for queue_id, name in db.execute("SELECT id, name FROM queues ORDER BY name"):
@@ -276,23 +362,48 @@ class SqliteStore:
                 self._queues_by_id[queue_id] = queue
                 self._next_queue_id = max(self._next_queue_id, queue_id + 1)
             by_id = self._queues_by_id
-            for queue_id, message_id, pos, body in db.execute(
-                "SELECT queue, id, pos, body FROM messages ORDER BY queue, pos"
+            for queue_id, count, size, first, last in db.execute(
+                "SELECT queue, count(*), sum(length(body)), min(pos), max(pos) FROM messages GROUP BY queue"
             ):
                 owner = by_id.get(queue_id)
                 if owner is None:
                     raise StoreError(f"the database {self.path} is damaged: "
-                                     f"message {message_id} belongs to no queue")
-                owner._load(message_id, pos, body)
+                                     f"{count} messages belong to no queue")
+                owner._front, owner._back, owner._tail_pos = first, last, first - 1
+                owner.num_bytes = size
+                owner._on_disk = count
+                owner._refill()
             (stored_next,) = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
             (highest,) = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
-        except sqlite3.Error as error:
+        except (sqlite3.Error, StoreError) as error:
             db.close()
+            assert self._db is not None
+            self._db.close()
+            if isinstance(error, StoreError):
+                raise
             raise StoreError(f"cannot read the database {self.path}: {error}") from None
-        except StoreError:
-            db.close()
-            raise
         self._next_id = max(stored_next, highest + 1)
+
+    def _read(self, queue_id: int, after_pos: int, most: int, most_bytes: int) -> list[tuple[int, int, bytes]]:
+        """The oldest messages of a queue after ``after_pos``: at most ``most``,
+        and ``most_bytes`` bytes but for the first."""
+        rows: list[tuple[int, int, bytes]] = []
+        size = 0
+        assert self._reader is not None
+        try:
+            for row in self._reader.execute(
+                "SELECT id, pos, body FROM messages WHERE queue = ? AND pos > ? ORDER BY pos LIMIT ?",
+                (queue_id, after_pos, most),
+            ):
+                size += len(row[2])
+                if rows and size > most_bytes:
+                    break
+                rows.append(row)
+        except sqlite3.Error as error:
+            # The messages stay on disk; the next read may do better.
+            self.log.error("cannot read messages from the database {path}: {error}",
+                           path=self.path, error=error)
+        return rows
 
     def recovered(self) -> Iterable[SqliteQueue]:
         return list(self._queues.values())
@@ -335,11 +446,12 @@ class SqliteStore:
                 self._reactor.callLater(0, self._write_pending)
         return write
 
-    def _record_insert(self, message_id: int, row: tuple[int, int, int, bytes], fresh: bool) -> None:
+    def _record_insert(self, message_id: int, row: tuple[int, int, int, bytes], fresh: bool) -> _Write:
         write = self._write or self._open_write()
         write.inserts[message_id] = row
         if fresh:
             write.fresh.add(message_id)
+        return write
 
     def _record_delete(self, message_id: int) -> None:
         write = self._write or self._open_write()
@@ -409,6 +521,8 @@ class SqliteStore:
                 self._retry.cancel()
             self._retry = None
         write.batch.finish()
+        for queue in write.spilled:
+            queue._written()
         self._after_write()
 
     def _write_failed(self, reason: Failure, write: _Write) -> None:
@@ -536,10 +650,11 @@ class SqliteStore:
                            path=self.path, error=self.failure)
         if self._pool.started:
             self._pool.stop()
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
+        for db in (self._db, self._reader):
+            if db is not None:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
         if not stopping.called:
             stopping.callback(None)
