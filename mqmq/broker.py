@@ -189,6 +189,10 @@ class Broker(service.Service):
             self.num_bytes += messages.num_bytes
             if not messages:
                 self._idle[queue.name] = None
+        if not isinstance(self.store, MemoryStore):
+            self.log.info("keeping messages in {store}: {queues} queues and {messages} messages read back",
+                          store=self.store.describe(), queues=len(self._queues),
+                          messages=self.num_messages)
         self.store.start()
 
     # Queues ----------------------------------------------------------------

@@ -214,14 +214,16 @@ def unit_command() -> list[str]:
     return [bin_path("twistd"), *argv[1:]]
 
 
-def test_the_systemd_unit_command_serves(spawn) -> None:
+def test_the_systemd_unit_command_serves(spawn, tmp_path: Path) -> None:
     command = unit_command()
-    assert command[1:] == ["-n", "--pidfile=", "mqmq"]
-    # Its own port instead of the default one (--listen alone: only there).
+    assert command[1:] == ["-n", "--pidfile=", "mqmq", "--store", "sqlite:/var/lib/mqmq/queues.db"]
+    # Its own database and port instead of the system's (--listen alone: only there).
+    command[-1] = f"sqlite:{tmp_path / 'queues.db'}"
     server = spawn(*command, "--listen", "tcp:0:interface=127.0.0.1")
     port = int(server.wait_for(r"starting on (\d+)$").group(1))
     assert raw_info(socket.AF_INET, ("127.0.0.1", port))["NumConnections"] == 1
     server.stop(signal.SIGTERM)
+    assert (tmp_path / "queues.db").exists()
     assert not list(Path(server.out_path.parent).glob("*.pid"))  # --pidfile= writes none
     assert "Traceback" not in server.output()
 
