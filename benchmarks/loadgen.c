@@ -12,10 +12,14 @@
  *       brought, all in one writev.  One connection is driven
  *       with blocking calls, several with epoll in one thread.
  *   loadgen consumers --addr HOST:PORT --queue Q --total N [--producers 4]
- *           [--consumers 4] [--window 128] [--get-timeout 1000] [--multiplex]
+ *           [--consumers 4] [--window 128] [--get-timeout 1000]
+ *           [--multiplex | --consumer-window G]
  *       Producers pipeline N Puts in all (one thread, epoll), consumers each
  *       send one Get and wait for its reply (a blocking thread each, or with
  *       --multiplex all on one epoll thread), until N messages are delivered.
+ *       --consumer-window G: the consumers pipeline G Gets each instead, all
+ *       on one epoll thread; after each read, one Get per reply it brought,
+ *       in one send.  A Timeout reply is counted and its Get sent again.
  *
  * Message bodies are the benchmark's deterministic pattern, of the size named
  * by the queue's last dot-separated field.  Gets carry --get-timeout (ms, by
@@ -486,7 +490,7 @@ static long read_rss(long pid) {
 
 typedef struct {
     const char *addr, *queue;
-    int conns, window, idle, expect_conns, producers, consumers, get_timeout, multiplex;
+    int conns, window, idle, expect_conns, producers, consumers, get_timeout, multiplex, consumer_window;
     long warmup_pairs, total, rss_pid;
     phase_t phases[8];
     int nphases;
@@ -719,6 +723,122 @@ static void *consumers_epoll_main(void *arg) {
     return NULL;
 }
 
+/* --consumer-window G: every consumer on one epoll thread, each pipelining G
+   Gets.  Replies on a connection come in the order of its Gets; each is a
+   message or Timeout (counted; its Get is sent again), anything else an
+   error.  After each read, one Get per reply it brought goes out in one
+   send, until every message is delivered (Gets still in flight then are
+   left: the connections are shut down). */
+typedef struct {
+    int fd;
+    u8 *buf;
+    size_t filled;
+    uint64_t *sent_at;  /* ring of G send times, in the order of the Gets */
+    long sent, replied;
+} window_consumer_t;
+
+static int g_consumer_window;
+
+static void window_consumer_send(window_consumer_t *w, long count, const u8 *gets) {
+    if (count <= 0) return;
+    uint64_t t = now_ns();
+    for (long k = 0; k < count; k++) w->sent_at[(w->sent + k) % g_consumer_window] = t;
+    size_t left = (size_t)count * GET.len, off = 0;
+    while (left) {
+        ssize_t n = send(w->fd, gets + off, left, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            if (atomic_load(&g_finished)) return;
+            fail("consumer: sending failed after %ld messages: %s", atomic_load(&g_delivered), strerror(errno));
+        }
+        off += (size_t)n;
+        left -= (size_t)n;
+    }
+    w->sent += count;
+}
+
+static void *consumers_window_main(void *arg) {
+    consumer_t *cons = arg;
+    int n = g_nconsumers, window = g_consumer_window;
+    size_t cap = (size_t)window * GET_REPLY.len + 65536;
+    if (cap < (1u << 18)) cap = 1u << 18;
+    u8 *gets = malloc((size_t)window * GET.len);
+    window_consumer_t *ws = calloc((size_t)n, sizeof *ws);
+    int ep = epoll_create1(0);
+    if (!gets || !ws || ep < 0) fail("consumers: out of memory or epoll");
+    for (int k = 0; k < window; k++) memcpy(gets + (size_t)k * GET.len, GET.data, GET.len);
+    for (int i = 0; i < n; i++) {
+        ws[i].fd = cons[i].fd;
+        ws[i].buf = malloc(cap);
+        ws[i].sent_at = calloc((size_t)window, sizeof *ws[i].sent_at);
+        if (!ws[i].buf || !ws[i].sent_at) fail("consumers: out of memory");
+        struct epoll_event ev = { .events = EPOLLIN, .data.u32 = (uint32_t)i };
+        epoll_ctl(ep, EPOLL_CTL_ADD, ws[i].fd, &ev);
+    }
+    pthread_barrier_wait(&g_barrier);
+    uint64_t start = now_ns();
+    uint64_t expected = 0;
+    atomic_compare_exchange_strong(&g_last_delivery, &expected, start);
+    for (int i = 0; i < n; i++) {
+        cons[i].start = start;
+        window_consumer_send(&ws[i], window, gets);
+    }
+    struct epoll_event events[256];
+    while (atomic_load(&g_delivered) < g_total) {
+        int ready = epoll_wait(ep, events, 256, 1000);
+        uint64_t t = now_ns();
+        if (ready < 0 && errno != EINTR) fail("epoll_wait: %s", strerror(errno));
+        if (ready <= 0) {
+            uint64_t last = atomic_load(&g_last_delivery);
+            if (t > last && t - last > (uint64_t)STALL_S * 1000000000u)
+                fail("only %ld of %ld messages delivered, none in the last %d s",
+                     atomic_load(&g_delivered), g_total, STALL_S);
+            continue;
+        }
+        for (int e = 0; e < ready && atomic_load(&g_delivered) < g_total; e++) {
+            int i = (int)events[e].data.u32;
+            window_consumer_t *w = &ws[i];
+            ssize_t got = recv(w->fd, w->buf + w->filled, cap - w->filled, 0);
+            t = now_ns();
+            if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            if (got <= 0) {
+                if (atomic_load(&g_finished)) break;
+                fail("the server closed a consumer connection after %ld messages", atomic_load(&g_delivered));
+            }
+            size_t end = w->filled + (size_t)got, off = 0;
+            long replies = 0;
+            while (end - off >= 4) {
+                size_t stop = off + 4 + (size_t)get32(w->buf + off);
+                if (stop > end) {
+                    if (stop - off > cap) unexpected(w->buf + off, end - off, &GET_REPLY, atomic_load(&g_delivered));
+                    break;
+                }
+                if (w->replied == w->sent)
+                    fail("a consumer got a reply with no Get in flight, after %ld messages",
+                         atomic_load(&g_delivered));
+                uint64_t sent = w->sent_at[w->replied % window];
+                w->replied++;
+                replies++;
+                /* one whole frame: a message, Timeout, or an error */
+                consumer_reply(&cons[i], w->buf + off, stop - off, sent, t);
+                off = stop;
+            }
+            if (off && off < end) memmove(w->buf, w->buf + off, end - off);
+            w->filled = end - off;
+            if (atomic_load(&g_delivered) < g_total) window_consumer_send(w, replies, gets);
+        }
+    }
+    finish_consumers();
+    for (int i = 0; i < n; i++) {
+        free(ws[i].buf);
+        free(ws[i].sent_at);
+    }
+    free(ws);
+    free(gets);
+    close(ep);
+    return NULL;
+}
+
 static void *consumer_main(void *arg) {
     consumer_t *c = arg;
     size_t cap = GET_REPLY.len + 4096;
@@ -771,6 +891,7 @@ static int run_consumers(opts_t *o) {
     g_total = o->total;
     g_nconsumers = o->consumers;
     g_get_timeout_ms = o->get_timeout;
+    g_consumer_window = o->consumer_window;
     phase_t *shares = calloc((size_t)o->producers, sizeof *shares);
     stream_t *streams = calloc((size_t)o->producers, sizeof *streams);
     for (int i = 0; i < o->producers; i++) {
@@ -785,10 +906,12 @@ static int run_consumers(opts_t *o) {
         cons[i].fd = g_consumer_fds[i] = connect_to(1, 1);
         cons[i].lat = malloc((size_t)(o->total + 1) * sizeof *cons[i].lat);
     }
-    int nthreads = o->multiplex ? 1 : o->consumers;
+    int nthreads = o->multiplex || o->consumer_window ? 1 : o->consumers;
     pthread_barrier_init(&g_barrier, NULL, (unsigned)nthreads + 1);
     pthread_t *threads = malloc((size_t)nthreads * sizeof *threads);
-    if (o->multiplex)
+    if (o->consumer_window)
+        pthread_create(&threads[0], NULL, consumers_window_main, cons);
+    else if (o->multiplex)
         pthread_create(&threads[0], NULL, consumers_epoll_main, cons);
     else
         for (int i = 0; i < o->consumers; i++) pthread_create(&threads[i], NULL, consumer_main, &cons[i]);
@@ -877,6 +1000,7 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--producers") == 0) o.producers = atoi(v);
         else if (strcmp(a, "--consumers") == 0) o.consumers = atoi(v);
         else if (strcmp(a, "--get-timeout") == 0) o.get_timeout = atoi(v);
+        else if (strcmp(a, "--consumer-window") == 0) o.consumer_window = atoi(v);
         else usage();
     }
     if (!o.addr || !o.queue || o.conns < 1 || o.window < 1) usage();
@@ -890,7 +1014,8 @@ int main(int argc, char **argv) {
         return run_stream(&o);
     }
     if (strcmp(mode, "consumers") == 0) {
-        if (o.total < 1 || o.producers < 1 || o.consumers < 1) usage();
+        if (o.total < 1 || o.producers < 1 || o.consumers < 1 || o.consumer_window < 0
+            || (o.multiplex && o.consumer_window)) usage();
         return run_consumers(&o);
     }
     usage();
