@@ -20,10 +20,10 @@ from typing import Sequence
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mqmq.broker import Broker
-from mqmq.codec import encode_frame
-from mqmq.limits import Limits
-from mqmq.server import MQServerFactory, MQServerProtocol
+from mqmq.broker.broker import Broker
+from mqmq.wire.codec import encode_frame
+from mqmq.broker.limits import Limits
+from mqmq.server.protocol import MQServerFactory, MQServerProtocol
 
 
 class _DiscardingTransport(StringTransport):

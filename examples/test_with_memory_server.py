@@ -5,7 +5,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.trial.unittest import SynchronousTestCase
 
 from mqmq import GetTimeout, ServerError, connect_endpoint
-from mqmq.limits import Limits
+from mqmq.broker.limits import Limits
 from mqmq.testing import MemoryServer
 
 

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from mqmq.address import DEFAULT_ADDRESS
-from mqmq.broker import Broker
+from mqmq.broker.broker import Broker
 from mqmq.client import MQClient, connect, connect_endpoint
 from mqmq.errors import (
     BadResponse,
@@ -14,9 +14,9 @@ from mqmq.errors import (
     ReplyTimeout,
     ServerError,
 )
-from mqmq.info import ServerInfo
-from mqmq.server import MQServerFactory, MQServerProtocol
-from mqmq.service import MQService
+from mqmq.wire.info import ServerInfo
+from mqmq.server.protocol import MQServerFactory, MQServerProtocol
+from mqmq.server.service import MQService
 
 __all__ = [
     "DEFAULT_ADDRESS",

@@ -24,11 +24,12 @@ from twisted.logger import (
 from twisted.python import usage
 from zope.interface import provider
 
-from mqmq import errors, tap
-from mqmq import reactor as lean_reactor
+from mqmq import errors
+from mqmq.server import tap
+from mqmq.server import reactor as lean_reactor
 from mqmq.address import DEFAULT_ADDRESS, parse_address
 from mqmq.client import MQClient, connect
-from mqmq.codec import MAX_MESSAGE_LENGTH, MAX_QUEUE_NAME_LENGTH
+from mqmq.wire.codec import MAX_MESSAGE_LENGTH, MAX_QUEUE_NAME_LENGTH
 
 #: Exit status of ``mqmq get`` when no message arrived before the timeout.
 EXIT_TIMEOUT = 3

@@ -24,16 +24,16 @@ from twisted.python.failure import Failure
 
 from mqmq import errors
 from mqmq.address import DEFAULT_ADDRESS, parse_address
-from mqmq.codec import (
+from mqmq.wire.codec import (
     MAX_MESSAGE_LENGTH,
     MAX_QUEUE_NAME_LENGTH,
     decode_payload,
     encode_frame,
     max_frame_length,
 )
-from mqmq.commands import ERROR, GET, INFO, OK, PUT, QUIT, TIMEOUT, MAX_TIMEOUT_MS
-from mqmq.framing import FrameReceiver
-from mqmq.info import ServerInfo
+from mqmq.wire.commands import ERROR, GET, INFO, OK, PUT, QUIT, TIMEOUT, MAX_TIMEOUT_MS
+from mqmq.wire.framing import FrameReceiver
+from mqmq.wire.info import ServerInfo
 
 QueueName = Union[str, bytes]
 

@@ -29,10 +29,10 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from zope.interface import implementer
 
-from mqmq.broker import Broker
+from mqmq.broker.broker import Broker
 from mqmq.client import DEFAULT_REPLY_TIMEOUT, MQClient
-from mqmq.limits import Limits
-from mqmq.server import MQServerFactory
+from mqmq.broker.limits import Limits
+from mqmq.server.protocol import MQServerFactory
 
 
 @implementer(IStreamClientEndpoint)

@@ -18,10 +18,10 @@ import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from hypothesis import settings
 
-from mqmq import reactor as lean_reactor
+from mqmq.server import reactor as lean_reactor
 
 # The in-process tests run on the reactor `mqmq start` runs on by default,
-# mqmq.reactor's LeanEPollReactor (pytest-twisted accepts it: it is an
+# mqmq.server.reactor's LeanEPollReactor (pytest-twisted accepts it: it is an
 # EPollReactor); MQMQ_TEST_REACTOR=default keeps Twisted's own.  Installed
 # before anything imports twisted.internet.reactor.
 TEST_REACTOR = os.environ.get("MQMQ_TEST_REACTOR", "mqmq-epoll")
@@ -30,7 +30,7 @@ if TEST_REACTOR == "mqmq-epoll" and lean_reactor.available():
 
 from twisted.internet import reactor  # noqa: E402  (after the install above)
 
-from mqmq.service import MQService  # noqa: E402
+from mqmq.server.service import MQService  # noqa: E402
 from support import read_exactly  # noqa: E402
 
 # Machines are shared and noisy: no per-example time limit, which would fail

@@ -20,13 +20,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 
-from mqmq import server as server_module
+from mqmq.server import protocol as server_module
 from mqmq.client import connect
-from mqmq.codec import decode_frames, encode_frame
-from mqmq.limits import Limits
-from mqmq.liveness import peer_has_gone
-from mqmq.server import LIVENESS_INTERVAL, MQServerProtocol
-from mqmq.service import MQService
+from mqmq.wire.codec import decode_frames, encode_frame
+from mqmq.broker.limits import Limits
+from mqmq.server.liveness import peer_has_gone
+from mqmq.server.protocol import LIVENESS_INTERVAL, MQServerProtocol
+from mqmq.server.service import MQService
 from wire import Connection, Frame, Server
 
 

@@ -9,7 +9,7 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from mqmq.broker import Broker
+from mqmq.broker.broker import Broker
 from mqmq.errors import GetTimeout
 
 # Exactly representable, so clock arithmetic lands on the deadline exactly.

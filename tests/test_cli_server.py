@@ -26,7 +26,7 @@ from conftest import (
     stop,
     wait_until,
 )
-from mqmq import tap
+from mqmq.server import tap
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

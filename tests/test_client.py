@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from mqmq.client import DEFAULT_REPLY_TIMEOUT, MQClient, connect, connect_endpoint
-from mqmq.codec import encode_frame
+from mqmq.wire.codec import encode_frame
 from mqmq.errors import (
     BadResponse,
     ConnectionClosed,
@@ -25,7 +25,7 @@ from mqmq.errors import (
     ReplyTimeout,
     ServerError,
 )
-from mqmq.info import ServerInfo
+from mqmq.wire.info import ServerInfo
 from mqmq.testing import MemoryServer
 from support import failure, success
 
@@ -37,7 +37,7 @@ E = TypeVar("E", bound=BaseException)
 
 
 def frame(*values: bytes) -> bytes:
-    """A frame built by hand, independently of mqmq.codec."""
+    """A frame built by hand, independently of mqmq.wire.codec."""
     payload = b"".join(pack(">I", len(value)) + value for value in values)
     return pack(">I", len(payload)) + payload
 

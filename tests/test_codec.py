@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqmq.codec import (
+from mqmq.wire.codec import (
     MAX_FRAME_LENGTH,
     MAX_MESSAGE_LENGTH,
     MAX_QUEUE_NAME_LENGTH,

@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mqmq import errors
-from mqmq.commands import (
+from mqmq.wire.commands import (
     MAX_TIMEOUT_MS,
     MIN_TIMEOUT_MS,
     Command,

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 
-from mqmq.limits import Limits
+from mqmq.broker.limits import Limits
 from test_faults import PENDING, Harness, RawClient, frame, linux_only, logged_errors, pause, until
 
 __all__ = ["logged_errors"]  # a fixture the tests here use

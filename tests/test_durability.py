@@ -20,7 +20,7 @@ import pytest
 from twisted.internet import defer, task
 
 from conftest import REPO_ROOT, Processes, assert_one_error_line, bin_path, logged_port, stop
-from mqmq.broker import Broker
+from mqmq.broker.broker import Broker
 from mqmq.stores.sqlite import SqliteStore
 
 

@@ -30,10 +30,10 @@ from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from zope.interface import provider
 
 from conftest import bin_path, logged_port
-from mqmq.broker import Broker, Waiter
-from mqmq.limits import Limits
-from mqmq.server import LIVENESS_INTERVAL, MQServerProtocol
-from mqmq.service import MQService
+from mqmq.broker.broker import Broker, Waiter
+from mqmq.broker.limits import Limits
+from mqmq.server.protocol import LIVENESS_INTERVAL, MQServerProtocol
+from mqmq.server.service import MQService
 from support import read_exactly
 
 _UINT32 = struct.Struct(">I")

@@ -18,9 +18,9 @@ from twisted.internet import defer, task
 from twisted.logger import capturedLogs
 
 from mqmq import errors
-from mqmq import server as server_module
-from mqmq.broker import Broker
-from mqmq.limits import Limits
+from mqmq.server import protocol as server_module
+from mqmq.broker.broker import Broker
+from mqmq.broker.limits import Limits
 from support import failure, success
 from wire import Server
 

@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor
 
 from mqmq.client import connect
 from mqmq.errors import GetTimeout
-from mqmq.service import MQService
+from mqmq.server.service import MQService
 from test_faults import Server, allow_open_files, frame, read_frame, spawn
 from conftest import bin_path
 from wire import Server as FakeServer

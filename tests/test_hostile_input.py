@@ -27,11 +27,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 
-from mqmq import server as server_module
-from mqmq.broker import Broker
-from mqmq.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame, encode_payload
-from mqmq.limits import Limits
-from mqmq.server import LIVENESS_INTERVAL, MQServerFactory, MQServerProtocol
+from mqmq.server import protocol as server_module
+from mqmq.broker.broker import Broker
+from mqmq.wire.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame, encode_payload
+from mqmq.broker.limits import Limits
+from mqmq.server.protocol import LIVENESS_INTERVAL, MQServerFactory, MQServerProtocol
 
 Frame = list[bytes]
 

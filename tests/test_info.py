@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mqmq.errors import BadResponse
-from mqmq.info import ServerInfo, encode_info, queue_name_text
+from mqmq.wire.info import ServerInfo, encode_info, queue_name_text
 
 
 def _decode_go_rune(data: bytes, start: int) -> Optional[int]:

@@ -16,9 +16,9 @@ import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.logger import capturedLogs, formatEvent
 
-from mqmq import broker as broker_module
-from mqmq.codec import MAX_FRAME_LENGTH
-from mqmq.limits import MAX_INFO_BYTES, Limits
+from mqmq.broker import broker as broker_module
+from mqmq.wire.codec import MAX_FRAME_LENGTH
+from mqmq.broker.limits import MAX_INFO_BYTES, Limits
 from test_faults import Harness, RawClient, frame, logged_errors, pause, until
 from wire import Server
 
@@ -251,7 +251,7 @@ def test_a_hopeless_info_is_refused_at_once_even_while_others_wait_their_turn() 
 async def test_a_client_that_reads_none_of_its_info_is_dropped_and_frees_the_budget(
     budget: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mqmq import server as server_module
+    from mqmq.server import protocol as server_module
 
     monkeypatch.setattr(server_module, "INFO_STALL_SECONDS", 0.5)
     factory = budget.service.factory

@@ -14,9 +14,9 @@ import pytest
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 
-from mqmq import tap
-from mqmq.codec import MAX_FRAME_LENGTH, encode_frame, max_frame_length
-from mqmq.limits import Limits
+from mqmq.server import tap
+from mqmq.wire.codec import MAX_FRAME_LENGTH, encode_frame, max_frame_length
+from mqmq.broker.limits import Limits
 from wire import Server
 
 

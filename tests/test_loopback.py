@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 
 from mqmq.client import MQClient, connect
 from mqmq.errors import GetTimeout
-from mqmq.service import MQService
+from mqmq.server.service import MQService
 
 
 def start_service(description: str) -> MQService:

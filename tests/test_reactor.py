@@ -13,7 +13,7 @@ from twisted.internet.main import CONNECTION_LOST
 from twisted.logger import capturedLogs
 
 from conftest import TEST_REACTOR, Processes, bin_path, logged_port, raw_info
-from mqmq import reactor as lean_reactor
+from mqmq.server import reactor as lean_reactor
 
 pytestmark = pytest.mark.skipif(not lean_reactor.available(), reason="needs epoll")
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs
 
-from mqmq.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame
+from mqmq.wire.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame
 from wire import Frame, Server
 
 

@@ -14,8 +14,8 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from mqmq.client import connect
-from mqmq.server import MQServerProtocol
-from mqmq.service import MQService
+from mqmq.server.protocol import MQServerProtocol
+from mqmq.server.service import MQService
 from support import success
 
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, task
 
-from mqmq.broker import Broker
+from mqmq.broker.broker import Broker
 from mqmq.errors import StoreError
-from mqmq.limits import Limits
+from mqmq.broker.limits import Limits
 from mqmq.stores.sqlite import SCHEMA_VERSION, SqliteQueue, SqliteStore
 from wire import Server
 

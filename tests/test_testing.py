@@ -12,8 +12,8 @@ from zope.interface.verify import verifyObject
 
 from mqmq.client import MQClient, connect_endpoint
 from mqmq.errors import ConnectionClosed, GetTimeout, ReplyTimeout, ServerError
-from mqmq.info import ServerInfo
-from mqmq.limits import Limits
+from mqmq.wire.info import ServerInfo
+from mqmq.broker.limits import Limits
 from mqmq.testing import MemoryServer
 from support import failure, success
 

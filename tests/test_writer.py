@@ -21,10 +21,10 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mqmq.codec import encode_frame
-from mqmq.limits import Limits
-from mqmq.service import MQService
-from mqmq.writer import FLUSH_BYTES, ReplyWriter
+from mqmq.wire.codec import encode_frame
+from mqmq.broker.limits import Limits
+from mqmq.server.service import MQService
+from mqmq.server.writer import FLUSH_BYTES, ReplyWriter
 
 TIMEOUT = 30
 
@@ -667,7 +667,7 @@ async def test_a_refused_oversized_frame_loses_no_reply_read_with_it(service: MQ
 
 
 def test_a_batch_of_more_parts_than_sendmsg_takes_still_uses_the_socket() -> None:
-    from mqmq import writer as writer_module
+    from mqmq.server import writer as writer_module
 
     class Recording:
         def __init__(self) -> None:

@@ -11,10 +11,10 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from mqmq.broker import Broker
-from mqmq.codec import decode_frames, encode_frame
-from mqmq.limits import Limits
-from mqmq.server import MQServerFactory, MQServerProtocol
+from mqmq.broker.broker import Broker
+from mqmq.wire.codec import decode_frames, encode_frame
+from mqmq.broker.limits import Limits
+from mqmq.server.protocol import MQServerFactory, MQServerProtocol
 from mqmq.stores.base import Store
 
 Frame = list[bytes]

@@ -16,13 +16,13 @@ from twisted.python.failure import Failure
 
 from mqmq import errors
 from mqmq.address import describe
-from mqmq.broker import Broker
-from mqmq.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
-from mqmq.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
-from mqmq.framing import FrameReceiver
-from mqmq.liveness import peer_has_gone
+from mqmq.broker.broker import Broker
+from mqmq.wire.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
+from mqmq.wire.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
+from mqmq.wire.framing import FrameReceiver
+from mqmq.server.liveness import peer_has_gone
 from mqmq.stores.base import Batch
-from mqmq.writer import ReplyWriter, Settlement
+from mqmq.server.writer import ReplyWriter, Settlement
 
 _UINT32 = Struct(">I")
 _OK_FRAME = encode_frame([OK])

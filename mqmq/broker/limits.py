@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mqmq.codec import MAX_FRAME_LENGTH, MAX_MESSAGE_LENGTH, max_frame_length
+from mqmq.wire.codec import MAX_FRAME_LENGTH, MAX_MESSAGE_LENGTH, max_frame_length
 
 #: Largest ``Info`` JSON body that fits in the protocol's largest frame, after
 #: the reply's ``OK`` and the two value lengths.

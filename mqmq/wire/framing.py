@@ -11,7 +11,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mqmq.codec import MAX_FRAME_LENGTH
+from mqmq.wire.codec import MAX_FRAME_LENGTH
 
 _UINT32 = Struct(">I")
 

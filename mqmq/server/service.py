@@ -10,9 +10,9 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 
-from mqmq.broker import Broker
-from mqmq.limits import Limits
-from mqmq.server import MQServerFactory
+from mqmq.broker.broker import Broker
+from mqmq.broker.limits import Limits
+from mqmq.server.protocol import MQServerFactory
 from mqmq.stores.base import Store
 
 

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from mqmq import errors
 from mqmq.errors import ConsumerGone, GetTimeout
-from mqmq.info import (
+from mqmq.wire.info import (
     ENTRY_OVERHEAD,
     INFO_END,
     ServerInfo,
@@ -26,7 +26,7 @@ from mqmq.info import (
     encode_info_header,
     queue_name_text,
 )
-from mqmq.limits import Limits
+from mqmq.broker.limits import Limits
 from mqmq.stores.base import Store, StoredQueue
 from mqmq.stores.memory import MemoryStore
 

@@ -22,10 +22,10 @@ from twisted.python.logfile import BaseLogFile
 
 from mqmq import __version__
 from mqmq.address import DEFAULT_ADDRESS, describe, parse_address
-from mqmq.codec import max_frame_length
-from mqmq.info import encode_info
-from mqmq.limits import MAX_INFO_BYTES, Limits, parse_size
-from mqmq.service import MQService
+from mqmq.wire.codec import max_frame_length
+from mqmq.wire.info import encode_info
+from mqmq.broker.limits import MAX_INFO_BYTES, Limits, parse_size
+from mqmq.server.service import MQService
 from mqmq.stores import STORE_FORMS, parse_store_description, store_from_description
 from mqmq.stores.sqlite import FSYNC_POLICIES
 
@@ -241,7 +241,7 @@ class Options(VersionOption, usage.Options):
 def _allow_open_files(count: int) -> None:
     # Each TCP connection is two file descriptors (the second tells, after
     # the connection broke, which replies the peer acknowledged: see
-    # mqmq.writer); the usual soft limit of 1024 would refuse connections
+    # mqmq.server.writer); the usual soft limit of 1024 would refuse connections
     # long before --max-connections does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 2 * count + 64 if count else hard
@@ -304,7 +304,7 @@ class TwistdServer(service.MultiService):
     A failed start is one error line in the log and exit status 1.  SIGHUP
     reopens twistd's log file (after logrotate moved it away) and the server
     serves on.  These are the process's business, so they live here and
-    not in :class:`~mqmq.service.MQService`, which applications embed.
+    not in :class:`~mqmq.server.service.MQService`, which applications embed.
     """
 
     log = Logger()

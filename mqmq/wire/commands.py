@@ -9,7 +9,7 @@ import re
 from typing import NamedTuple, Sequence, Union
 
 from mqmq import errors
-from mqmq.codec import MAX_QUEUE_NAME_LENGTH
+from mqmq.wire.codec import MAX_QUEUE_NAME_LENGTH
 
 PUT = b"Put"
 GET = b"Get"
