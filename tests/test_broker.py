@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 from twisted.internet import defer, task
@@ -11,14 +12,38 @@ from twisted.python.failure import Failure
 
 from mqmq.broker.broker import Broker
 from mqmq.errors import GetTimeout
+from mqmq.stores.sqlite import SqliteStore
 
 # Exactly representable, so clock arithmetic lands on the deadline exactly.
 EPSILON = 2.0**-10
 
 
+# Every test runs against each store: the memory store, and the SQLite store
+# (real SQLite in a temporary directory, its writes run at once on the clock).
+_database: list[Path] = []
+
+
+@pytest.fixture(autouse=True, params=["memory", "sqlite"])
+def store_kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        _database.append(tmp_path / "queues.db")
+    yield request.param
+    _database.clear()
+
+
 def make_broker() -> tuple[Broker, task.Clock]:
     clock = task.Clock()
-    return Broker(clock), clock
+    if not _database:
+        return Broker(clock), clock
+    broker = Broker(clock, store=SqliteStore(str(_database[0]), "always", clock,
+                                             run_writes=defer.maybeDeferred))
+    broker.startService()
+    return broker, clock
+
+
+def timers(clock: task.Clock) -> list[Any]:
+    """The clock's pending calls but a store's write of its changes."""
+    return [call for call in clock.getDelayedCalls() if "_write_pending" not in repr(call.func)]
 
 
 class Outcome:
@@ -86,7 +111,7 @@ def test_get_on_non_empty_queue_fires_at_once() -> None:
     broker.put(b"q", b"second")
     outcome = Outcome(broker.get(b"q", 5))
     assert outcome.message == b"first"
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
     assert broker.take(b"q") == b"second"
 
 
@@ -129,7 +154,7 @@ def test_timeout_fires_after_exactly_the_timeout() -> None:
     assert not outcome.fired
     clock.advance(EPSILON)
     outcome.failure().trap(GetTimeout)
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
     # The timed-out waiter is gone: the next message is stored.
     broker.put(b"q", b"m")
     assert broker.num_messages == 1
@@ -145,16 +170,16 @@ def test_timed_out_waiter_is_skipped_by_later_messages() -> None:
     assert not long.fired
     broker.put(b"q", b"m")
     assert long.message == b"m"
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
 
 
 def test_timer_cancelled_when_message_arrives() -> None:
     broker, clock = make_broker()
     outcome = Outcome(broker.get(b"q", 5))
-    assert len(clock.getDelayedCalls()) == 1
+    assert len(timers(clock)) == 1
     broker.put(b"q", b"m")
     assert outcome.message == b"m"
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
     clock.advance(10)
     assert outcome.result == b"m"
 
@@ -165,7 +190,7 @@ def test_cancelled_waiter_is_removed_at_once() -> None:
     outcome = Outcome(d)
     d.cancel()
     outcome.failure().trap(defer.CancelledError)
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
     # A departed consumer never takes a message: it is stored, not lost.
     broker.put(b"q", b"m")
     assert broker.num_messages == 1
@@ -181,12 +206,12 @@ def test_cancelling_one_waiter_passes_message_to_the_next() -> None:
     third = Outcome(broker.get(b"q", 5))
     first.addErrback(lambda f: f.trap(defer.CancelledError))
     first.cancel()
-    assert len(clock.getDelayedCalls()) == 2
+    assert len(timers(clock)) == 2
     broker.put(b"q", b"m1")
     broker.put(b"q", b"m2")
     assert second.message == b"m1"
     assert third.message == b"m2"
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
 
 
 def test_cancel_after_delivery_changes_nothing() -> None:
@@ -197,7 +222,7 @@ def test_cancel_after_delivery_changes_nothing() -> None:
     d.cancel()
     assert outcome.message == b"m"
     assert broker.num_messages == 0
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
 
 
 # put_back
@@ -232,7 +257,7 @@ def test_put_back_hands_message_to_waiter() -> None:
     assert not second.fired
     assert broker.num_messages == 0
     assert broker.num_bytes == 0
-    assert len(clock.getDelayedCalls()) == 1
+    assert len(timers(clock)) == 1
 
 
 # Counts and Info
@@ -320,12 +345,12 @@ def test_stop_service_cancels_waiters_and_timers_and_keeps_messages() -> None:
     broker.put(b"kept", b"m1")
     broker.put(b"kept", b"m2")
     waiting = [Outcome(broker.get(name, 5)) for name in (b"x", b"x", b"y")]
-    assert len(clock.getDelayedCalls()) == 3
+    assert len(timers(clock)) == 3
     broker.stopService()
     assert not broker.running
     for outcome in waiting:
         outcome.failure().trap(defer.CancelledError)
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
     # Nobody waits any more: later messages are stored.
     broker.put(b"x", b"late")
     assert broker.num_messages == 3
@@ -335,7 +360,7 @@ def test_stop_service_cancels_waiters_and_timers_and_keeps_messages() -> None:
 
 
 def test_info_sees_queues_created_and_counts_changed_after_an_earlier_info() -> None:
-    broker = Broker(task.Clock())
+    broker, _ = make_broker()
     broker.put(b"b", b"1")
     first = json.loads(broker.info_json())
     assert first["Queues"] == {"b": {"NumMessages": 1}}

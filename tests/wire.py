@@ -30,6 +30,8 @@ class Server:
     def __init__(self, limits: Limits = Limits(), store: Optional[Callable[[task.Clock], Store]] = None) -> None:
         self.clock = task.Clock()
         self.broker = Broker(self.clock, limits, None if store is None else store(self.clock))
+        #: A durable store holds replies until its write, which the clock runs.
+        self.durable = store is not None
         if store is not None:
             self.broker.startService()
         self.factory = MQServerFactory(self.broker)
@@ -47,7 +49,7 @@ class Server:
         if transport is None:
             transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self._port))
         protocol.makeConnection(transport)
-        return Connection(protocol, transport)
+        return Connection(protocol, transport, self.clock if self.durable else None)
 
     def queue_contents(self) -> dict[bytes, list[bytes]]:
         """Every queue and its messages, read (and put back) through the broker."""
@@ -65,10 +67,14 @@ class Server:
 class Connection:
     """A server protocol with helpers to send frames and read its replies."""
 
-    def __init__(self, protocol: MQServerProtocol, transport: StringTransport) -> None:
+    def __init__(
+        self, protocol: MQServerProtocol, transport: StringTransport, clock: Optional[task.Clock] = None
+    ) -> None:
         self.protocol = protocol
         self.transport = transport
         self._read = 0
+        # With a durable store: the clock that runs its writes, before replies are read.
+        self._writes_clock = clock
 
     def send(self, *frames: Sequence[bytes]) -> None:
         """Send frames in a single segment."""
@@ -79,6 +85,8 @@ class Connection:
 
     def raw(self) -> bytes:
         """Everything written since the last ``raw``/``replies`` call."""
+        if self._writes_clock is not None:
+            self._writes_clock.advance(0)
         data = self.transport.value()[self._read :]
         self._read += len(data)
         return data
