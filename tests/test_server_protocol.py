@@ -34,7 +34,8 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Server:
     if request.param == "memory":
         return Server()
     return Server(store=lambda clock: SqliteStore(str(tmp_path / "queues.db"), "always", clock,
-                                                  run_writes=defer.maybeDeferred))
+                                                  run_writes=defer.maybeDeferred),
+                  write_before_reading=True)
 
 
 # Put, Get, Info, Quit

@@ -328,3 +328,16 @@ def test_the_store_is_a_fifo_whatever_is_done_and_written_when(
     found = contents(broker)
     assert {name: found.get(name, []) for name in model} == model
     stop(clock, broker)
+
+
+def test_message_ids_are_never_reused_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path)
+    first = [broker.put(b"q", b"m") for _ in range(3)]
+    for _ in first:
+        broker.take(b"q")  # gone from the database: max(id) tells nothing
+    stop(clock, broker)
+    clock, again = started(path)
+    later = again.put(b"q", b"n")
+    assert later is not None and all(i is not None and later > i for i in first)
+    stop(clock, again)

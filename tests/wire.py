@@ -24,14 +24,21 @@ class Server:
     """One broker with the given limits and its factory, on a fake clock.
 
     ``store``, if given, makes the broker's store from the clock; the broker
-    is then started (which opens the store).
+    is then started (which opens the store).  ``write_before_reading``: a
+    durable store's pending write runs (``clock.advance(0)``) before each
+    read of replies, so that tests of other things see replies as at once.
     """
 
-    def __init__(self, limits: Limits = Limits(), store: Optional[Callable[[task.Clock], Store]] = None) -> None:
+    def __init__(
+        self,
+        limits: Limits = Limits(),
+        store: Optional[Callable[[task.Clock], Store]] = None,
+        write_before_reading: bool = False,
+    ) -> None:
         self.clock = task.Clock()
         self.broker = Broker(self.clock, limits, None if store is None else store(self.clock))
         #: A durable store holds replies until its write, which the clock runs.
-        self.durable = store is not None
+        self.durable = store is not None and write_before_reading
         if store is not None:
             self.broker.startService()
         self.factory = MQServerFactory(self.broker)

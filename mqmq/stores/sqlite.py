@@ -50,6 +50,8 @@ from mqmq.stores.base import Batch, StoredQueue
 #: higher one came from a newer mqmq and is refused.
 SCHEMA_VERSION = 1
 FSYNC_POLICIES = ("always", "everysec", "no")
+#: Message ids are reserved this many at a time in the database.
+ID_BLOCK = 100_000
 #: While writes fail, how often they are tried again (seconds).
 RETRY_SECONDS = 1.0
 #: With ``everysec``, how often written data is synced (seconds).
@@ -311,6 +313,8 @@ class SqliteStore:
         self._queues: dict[bytes, SqliteQueue] = {}
         self._queues_by_id: dict[int, SqliteQueue] = {}
         self._next_id = 1
+        # The next id the database has: every id handed out is below it.
+        self._id_mark = 1
         self._next_queue_id = 1
         self._pool = ThreadPool(1, 1, "mqmq-sqlite")
         self._run_writes = run_writes
@@ -405,6 +409,7 @@ class SqliteStore:
                 raise
             raise StoreError(f"cannot read the database {self.path}: {error}") from None
         self._next_id = max(stored_next, highest + 1)
+        self._id_mark = stored_next
 
     def _read(self, queue_id: int, after_pos: int, most: int, most_bytes: int) -> list[tuple[int, int, bytes]]:
         """The oldest messages of a queue after ``after_pos``: at most ``most``,
@@ -497,7 +502,12 @@ class SqliteStore:
             write = self._open_write()
         self._write = None
         self.pending = None
-        write.next_id = self._next_id
+        if self._next_id > self._id_mark or self.failure is not None:
+            # The ids handed out stay below what the database says is next,
+            # written once per ID_BLOCK ids rather than with every commit.
+            # (While failing, it is written anyway: an empty transaction
+            # would not show whether the disk is back.)
+            write.next_id = self._next_id + ID_BLOCK
         self._writing = True
         self._in_flight = write.batch
         writing = self._run(self._commit, write)
@@ -518,7 +528,8 @@ class SqliteStore:
                 _delete_rows(db, write.deletes)
             if write.dropped_queues:
                 db.executemany("DELETE FROM queues WHERE id = ?", [(i,) for i in write.dropped_queues])
-            db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (write.next_id,))
+            if write.next_id:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (write.next_id,))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -533,6 +544,8 @@ class SqliteStore:
         self._in_flight = None
         self._unsynced = True
         self.commits += 1
+        if write.next_id:
+            self._id_mark = write.next_id
         self.rows_written += (len(write.new_queues) + len(write.inserts) + len(write.deletes)
                               + len(write.dropped_queues))
         if self.failure is not None:
