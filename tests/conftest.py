@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import importlib.util
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import AsyncIterator, Callable, Iterator, Optional, Union
 
 import pytest
@@ -46,6 +48,18 @@ START_DEADLINE = 10.0
 #: What ``mqmq start`` and ``twistd mqmq`` log once listening, naming the
 #: port they got (they are started on port 0: no port is guessed).
 STARTED = re.compile(r"starting server: 127\.0\.0\.1:(\d+)")
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A tool of ``benchmarks/`` (``bench``, ``crash``, ``durable`` ...), imported by its path."""
+    spec = importlib.util.spec_from_file_location(f"mqmq_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    if spec.name in sys.modules:
+        return sys.modules[spec.name]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def bin_path(name: str) -> str:

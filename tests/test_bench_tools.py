@@ -9,31 +9,17 @@ checked.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_benchmark
 
-BENCH = REPO_ROOT / "benchmarks" / "bench.py"
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mqmq_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_benchmark("bench")
 
 pytestmark = pytest.mark.skipif(
     bench.find_compiler() is None,

@@ -3,7 +3,6 @@ subprocess on a loopback port, killed with SIGKILL, starved of disk."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import resource
 import shutil
@@ -14,26 +13,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from twisted.internet import defer, task
 
-from conftest import REPO_ROOT, Processes, assert_one_error_line, bin_path, logged_port, stop
+from conftest import Processes, assert_one_error_line, bin_path, load_benchmark, logged_port, stop
 from mqmq.broker.broker import Broker
 from mqmq.stores.sqlite import SqliteStore
 
 
-def _load_crash() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mqmq_crash", REPO_ROOT / "benchmarks" / "crash.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
-crash = _load_crash()
+crash = load_benchmark("crash")
 
 
 @pytest.mark.parametrize("fsync", ["always", "everysec"])

@@ -12,31 +12,17 @@ Figures are never compared with anything.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import load_benchmark
 
-DURABLE = REPO_ROOT / "benchmarks" / "durable.py"
-
-
-def load_durable() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mqmq_durable", DURABLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-durable = load_durable()
+durable = load_benchmark("durable")
 bench = durable.bench
 
 pytestmark = pytest.mark.skipif(
