@@ -341,3 +341,117 @@ def test_message_ids_are_never_reused_across_restarts(tmp_path: Path) -> None:
     later = again.put(b"q", b"n")
     assert later is not None and all(i is not None and later > i for i in first)
     stop(clock, again)
+
+
+class FailingWrites:
+    """Runs the store's writes at once, failing them (as a full disk does) while ``failing``."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        if self.failing and function.__name__ == "_commit":
+            return defer.fail(sqlite3.OperationalError("database or disk is full"))
+        return defer.maybeDeferred(function, *args)
+
+
+def failing_server(path: Path) -> tuple[Server, FailingWrites]:
+    writes = FailingWrites()
+    return Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=writes)), writes
+
+
+def test_a_stored_message_is_delivered_while_the_disk_fails_and_removed_once_it_works(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    server, writes = failing_server(path)
+    producer, consumer = server.connect(), server.connect()
+    producer.send([b"Put", b"q", b"X"])
+    server.clock.advance(0)
+    assert producer.replies() == [OK]
+    writes.failing = True
+    consumer.send([b"Get", b"q"], [b"Get", b"empty", b"5"])
+    server.clock.advance(0)
+    # Stored messages stay deliverable (the protocol's promise) ...
+    assert consumer.replies() == [[b"OK", b"X"]]
+    producer.send([b"Put", b"q", b"Y"])
+    server.clock.advance(0)
+    assert producer.replies() == [[b"Error", b"SERVER_STORAGE_ERROR"]]
+    server.clock.advance(2)
+    assert consumer.replies() == [[b"Timeout"]]
+    # ... and the removal, not yet written, is written once the disk works.
+    assert rows(path, "SELECT body FROM messages") == [(b"X",)]
+    writes.failing = False
+    server.clock.advance(1)
+    assert rows(path, "SELECT body FROM messages") == []
+    assert server.broker.store.failure is None
+
+
+def test_a_put_whose_message_was_taken_before_its_write_failed_is_not_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    inflight: list[tuple[defer.Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def later(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        inflight.append((waiting, function, args))
+        return waiting
+
+    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=later))
+    producer, consumer = server.connect(), server.connect()
+    producer.send([b"Put", b"q", b"X"])
+    server.clock.advance(0)  # X's write goes to the writer
+    consumer.send([b"Get", b"q"])  # X is taken while its write is under way
+    waiting, _, _ = inflight.pop(0)
+    waiting.errback(sqlite3.OperationalError("disk I/O error"))  # and fails
+    assert producer.replies() == [] and consumer.replies() == []
+    server.clock.advance(1)
+    while inflight:
+        waiting, function, args = inflight.pop(0)
+        waiting.callback(function(*args))
+    # Stored with the retry, then taken: both told, neither an error.
+    assert producer.replies() == [OK]
+    assert consumer.replies() == [[b"OK", b"X"]]
+
+
+def test_a_queue_forgotten_and_made_again_in_one_write(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path, limits=Limits(max_queues=1))
+    broker.put(b"a", b"1")
+    broker.take(b"a")
+    clock.advance(0)
+    broker.put(b"b", b"2")  # forgets a
+    broker.take(b"b")
+    broker.put(b"a", b"3")  # forgets b, makes a again: one write
+    clock.advance(0)
+    assert broker.store.failure is None
+    stop(clock, broker)
+    clock, again = started(path)
+    assert contents(again) == {b"a": [b"3"]}
+    stop(clock, again)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_the_window_never_takes_spilled_messages_before_older_ones_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path)
+    for number in range(8):
+        broker.put(b"q", b"w%d" % number)  # the window, by count
+    broker.put(b"q", b"A")
+    broker.put(b"q", b"B" * 200)  # over the window's 64 bytes on its own
+    clock.advance(0)  # A and B on disk alone
+    broker.put(b"q", b"C")  # spilled, not yet written
+    taken = [broker.take(b"q") for _ in range(12)]
+    assert taken == [b"w%d" % n for n in range(8)] + [b"A", b"B" * 200, b"C", None]
+    stop(clock, broker)
+
+
+def test_a_put_handed_to_a_waiter_is_answered_with_the_delivery(tmp_path: Path) -> None:
+    server = Server(store=sqlite_store(tmp_path / "q.db"))
+    producer, consumer = server.connect(), server.connect()
+    consumer.send([b"Get", b"q", b"1000"])
+    producer.send([b"Put", b"q", b"m"])
+    # Neither reply goes out alone: a crash now loses nothing answered OK.
+    assert producer.replies() == [] and consumer.replies() == []
+    server.clock.advance(0)
+    assert producer.replies() == [OK]
+    assert consumer.replies() == [[b"OK", b"m"]]

@@ -272,6 +272,8 @@ class Broker(service.Service):
         if existing is None or not existing.waiters:
             # Before creating the queue: a refused Put leaves nothing behind.
             self._check_room(message)
+        elif self.store.failure is not None:
+            raise errors.RequestError(errors.STORAGE_ERROR, self.store.failure)
         queue = self._queue(queue_name)
         if not queue.waiters and self._offers is None:
             # The common case, inline: nobody waits, no hand-over loop to enter.
@@ -283,8 +285,15 @@ class Broker(service.Service):
             return messages.push(message)
         # Waiters first; the message is stored if none is still there.
         self._stored_id = None
+        handed: Optional[int] = None
+        if self.store.durable and not queue.messages:
+            # Recorded as added and taken in the store's open batch (which
+            # never writes the two): the OK and the reply to the waiter then
+            # both wait for that batch, so neither goes out alone.
+            handed = queue.messages.push(message)
+            queue.messages.pop()
         self._offer(queue_name, (message,), front=False)
-        return self._stored_id
+        return self._stored_id if self._stored_id is not None else handed
 
     def put_back(self, queue_name: bytes, *messages: bytes) -> None:
         """Return messages that could not be delivered, oldest first, to the

@@ -414,16 +414,25 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         out.begin_batch()
         try:
             while held and held[0][0].done:
-                batch, kind, first, second = held.popleft()
+                batch, kind, first, second = held[0]
+                refused = kind == _HELD_PUT and batch.refused(first)
+                if batch.retry is not None and kind == _HELD_PUT and not refused:
+                    # Its write failed, but its message had been taken: it
+                    # is stored by the retry, and answered once that is
+                    # written.  (A message taken from the store goes out
+                    # even so: stored messages stay deliverable while the
+                    # disk fails; their removals are written by the retry.)
+                    self._wait_for_retry(batch)
+                    break
+                held.popleft()
                 if kind == _HELD_MESSAGE:
                     self._write_message(first, second)
+                elif refused:
+                    self.log.info("refused a Put from {peer}: the store could not write it",
+                                  peer=self._peer)
+                    out.write(_STORAGE_ERROR_FRAME)
                 elif kind == _HELD_PUT:
-                    if batch.refused(first):
-                        self.log.info("refused a Put from {peer}: the store could not write it",
-                                      peer=self._peer)
-                        out.write(_STORAGE_ERROR_FRAME)
-                    else:
-                        out.write(_OK_FRAME)
+                    out.write(_OK_FRAME)
                 else:
                     out.write(first)
         finally:
@@ -433,6 +442,24 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._held_batch = None
             if self._closing:
                 self._close()
+
+    def _wait_for_retry(self, failed: Batch) -> None:
+        """Hold the replies held for a batch whose write failed for the batch
+        that retries it (a refused Put among them is answered as refused)."""
+        retry = failed.retry
+        assert retry is not None and self._held is not None
+        while retry.retry is not None and retry.done:
+            retry = retry.retry
+        moved: deque[tuple[Batch, int, Any, Any]] = deque()
+        for batch, kind, first, second in self._held:
+            if batch is failed:
+                if kind == _HELD_PUT and failed.refused(first):
+                    kind, first = _HELD_FRAME, _STORAGE_ERROR_FRAME
+                batch = retry
+            moved.append((batch, kind, first, second))
+        self._held = moved
+        self._held_batch = moved[-1][0]
+        retry.when_done(self._release)
 
     def _end_wait(self) -> None:
         self.setTimeout(self.limits.idle_timeout or None)

@@ -38,6 +38,8 @@ class Store(Protocol):
     pending: Optional[Batch]
     #: Why the store cannot take new messages now (a failing disk), if so.
     failure: Optional[str]
+    #: Whether its batches are written somewhere (replies wait for them).
+    durable: bool
     #: Set by the broker: called with (queue name, message) for each message
     #: a store had taken but dropped because writing it failed.
     dropped: Optional[Callable[[bytes, bytes], object]]
@@ -75,13 +77,16 @@ class Batch:
     earlier one.
     """
 
-    __slots__ = ("_listeners", "done", "_refused")
+    __slots__ = ("_listeners", "done", "_refused", "retry")
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[Batch], object]] = []
-        #: True once written (or once it failed and its new messages were dropped).
+        #: True once written, or once its write failed (then see ``retry``).
         self.done = False
         self._refused: frozenset[int] = frozenset()
+        #: When its write failed: the batch that writes what is kept of it.
+        #: Replies held for this one but refused Puts wait for that one.
+        self.retry: Optional[Batch] = None
 
     def when_done(self, listener: Callable[[Batch], object]) -> None:
         """Call ``listener(batch)`` once the batch is done (at once if it is)."""

@@ -127,6 +127,7 @@ class MemoryStore:
     pending: Optional[Batch] = None
     #: Why the store cannot take new messages; never, for memory.
     failure: Optional[str] = None
+    durable = False
     dropped: Optional[Callable[[bytes, bytes], object]] = None
 
     def queue(self, name: bytes) -> MemoryQueue:

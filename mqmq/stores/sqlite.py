@@ -207,6 +207,8 @@ class SqliteQueue:
                     self._on_disk -= 1
                 self._take_in(message_id, pos, bytes(body))
                 room -= 1
+        if self._on_disk:
+            return  # older messages are still on disk: the spilled ones wait their turn
         while spilled and room > 0 and (not self._messages or
                                         self._window_bytes + len(spilled[0][2]) <= WINDOW_BYTES):
             message_id, pos, message, _ = spilled.popleft()
@@ -282,6 +284,7 @@ class SqliteStore:
     """
 
     log = Logger()
+    durable = True
 
     def __init__(
         self,
@@ -418,14 +421,21 @@ class SqliteStore:
         size = 0
         assert self._reader is not None
         try:
-            for row in self._reader.execute(
+            cursor = self._reader.execute(
                 "SELECT id, pos, body FROM messages WHERE queue = ? AND pos > ? ORDER BY pos LIMIT ?",
                 (queue_id, after_pos, most),
-            ):
-                size += len(row[2])
-                if rows and size > most_bytes:
-                    break
-                rows.append(row)
+            )
+            try:
+                for row in cursor:
+                    size += len(row[2])
+                    if rows and size > most_bytes:
+                        break
+                    rows.append(row)
+            finally:
+                # Not left open: an open read holds its snapshot (PyPy closes
+                # it only when collected), hiding new rows and stalling the
+                # WAL's checkpoints.
+                cursor.close()
         except sqlite3.Error as error:
             # The messages stay on disk; the next read may do better.
             self.log.error("cannot read messages from the database {path}: {error}",
@@ -520,14 +530,18 @@ class SqliteStore:
         assert db is not None
         try:
             db.execute("BEGIN IMMEDIATE")
+            # Forgotten queues first: a name forgotten and made again in one
+            # write must not meet its old row (and OR REPLACE, whatever the
+            # order a failed write's retry put them in: a forgotten queue is
+            # empty).
+            if write.dropped_queues:
+                db.executemany("DELETE FROM queues WHERE id = ?", [(i,) for i in write.dropped_queues])
             if write.new_queues:
-                db.executemany("INSERT INTO queues (id, name) VALUES (?, ?)", write.new_queues)
+                db.executemany("INSERT OR REPLACE INTO queues (id, name) VALUES (?, ?)", write.new_queues)
             if write.inserts:
                 _insert_rows(db, list(write.inserts.values()))
             if write.deletes:
                 _delete_rows(db, write.deletes)
-            if write.dropped_queues:
-                db.executemany("DELETE FROM queues WHERE id = ?", [(i,) for i in write.dropped_queues])
             if write.next_id:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (write.next_id,))
             db.execute("COMMIT")
@@ -569,31 +583,40 @@ class SqliteStore:
             self.log.error("cannot write to the database {path}: {error}; refusing new messages "
                            "until it can", path=self.path, error=error)
         self.failure = f"cannot write to the database: {error}"
-        # The messages the batch added were never stored: out of memory too,
-        # and their Puts answered with an error.
-        refused = frozenset(write.fresh)
+        # The messages the batch added and nobody has taken since were never
+        # stored: out of memory too, and their Puts answered with an error.
+        # One taken since is on its way to a consumer (its reply waits for a
+        # later write): it is stored with the retry, and its Put answered
+        # once that is written, as the reply to the consumer.
+        refused = set()
         for message_id in write.fresh:
             queue = self._queues_by_id.get(write.inserts[message_id][1])
-            if queue is None:
-                continue
-            message = queue._drop(message_id)
-            if message is not None and self.dropped is not None:
-                self.dropped(queue.name, message)
+            message = queue._drop(message_id) if queue is not None else None
+            if message is not None:
+                refused.add(message_id)
+                if self.dropped is not None and queue is not None:
+                    self.dropped(queue.name, message)
         # The rest was already promised: it goes first in the next write.
         kept = self._write
         retry = self._write = _Write(kept.batch if kept is not None else Batch())
         self.pending = retry.batch
         retry.new_queues = write.new_queues + (kept.new_queues if kept else [])
-        retry.inserts = {i: row for i, row in write.inserts.items() if i not in write.fresh}
+        retry.inserts = {i: row for i, row in write.inserts.items() if i not in refused}
+        retry.fresh = write.fresh - refused
+        retry.deletes = list(write.deletes)
+        retry.dropped_queues = list(write.dropped_queues)
+        retry.spilled = set(write.spilled)
         if kept is not None:
             retry.inserts.update(kept.inserts)
-            retry.fresh = kept.fresh
-            retry.deletes = write.deletes + kept.deletes
-            retry.dropped_queues = write.dropped_queues + kept.dropped_queues
-        else:
-            retry.deletes = write.deletes
-            retry.dropped_queues = write.dropped_queues
-        write.batch.finish(refused)
+            retry.fresh |= kept.fresh
+            retry.deletes += kept.deletes
+            retry.dropped_queues += kept.dropped_queues
+            retry.spilled |= kept.spilled
+        # Replies held for this batch: refused Puts are answered now; the
+        # rest (messages whose removal is not written, Puts now in the
+        # retry) wait for the retry's write.
+        write.batch.retry = retry.batch
+        write.batch.finish(frozenset(refused))
         if self._stopping is not None:
             self._stopped()
             return
