@@ -50,6 +50,17 @@ START_DEADLINE = 10.0
 STARTED = re.compile(r"starting server: 127\.0\.0\.1:(\d+)")
 
 
+@pytest.fixture(params=["memory", "sqlite"])
+def both_stores(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a module's fake-transport servers (``wire.Server``) on each store:
+    ``pytestmark = pytest.mark.usefixtures("both_stores")``."""
+    if request.param == "sqlite":
+        monkeypatch.setenv("MQMQ_TEST_STORE", "sqlite")
+    else:
+        monkeypatch.delenv("MQMQ_TEST_STORE", raising=False)
+    return str(request.param)
+
+
 def load_benchmark(name: str) -> ModuleType:
     """A tool of ``benchmarks/`` (``bench``, ``crash``, ``durable`` ...), imported by its path."""
     spec = importlib.util.spec_from_file_location(f"mqmq_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")

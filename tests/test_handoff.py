@@ -24,6 +24,9 @@ from mqmq.broker.limits import Limits
 from support import failure, success
 from wire import Server
 
+# Every test here runs on the memory store and on the SQLite store.
+pytestmark = pytest.mark.usefixtures("both_stores")
+
 #: Well past Python's recursion limit: one frame per waiter would fail on
 #: CPython.  PyPy's limit counts bytes of stack, and its JIT's frames are
 #: small (measured: 20,000 levels of a warmed-up recursive function under a

@@ -19,6 +19,9 @@ from mqmq.wire.codec import MAX_FRAME_LENGTH, encode_frame, max_frame_length
 from mqmq.broker.limits import Limits
 from wire import Server
 
+# Every test here runs on the memory store and on the SQLite store.
+pytestmark = pytest.mark.usefixtures("both_stores")
+
 
 OK_BYTES = b"\x00\x00\x00\x06\x00\x00\x00\x02OK"
 TOO_LARGE = [b"Error", b"REQUEST_MESSAGE_TOO_LARGE"]

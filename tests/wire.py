@@ -5,9 +5,11 @@ Shared by the tests of the protocol, its limits and its backpressure.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Callable, Optional, Sequence
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
@@ -16,6 +18,7 @@ from mqmq.wire.codec import decode_frames, encode_frame
 from mqmq.broker.limits import Limits
 from mqmq.server.protocol import MQServerFactory, MQServerProtocol
 from mqmq.stores.base import Store
+from mqmq.stores.sqlite import SqliteStore
 
 Frame = list[bytes]
 
@@ -36,6 +39,12 @@ class Server:
         write_before_reading: bool = False,
     ) -> None:
         self.clock = task.Clock()
+        if store is None and os.environ.get("MQMQ_TEST_STORE") == "sqlite":
+            # Every fake-transport test on the SQLite store (in a fresh file).
+            directory = tempfile.mkdtemp(prefix="mqmq-wire-")
+            store = lambda clock: SqliteStore(  # noqa: E731
+                os.path.join(directory, "queues.db"), "always", clock, run_writes=defer.maybeDeferred)
+            write_before_reading = True
         self.broker = Broker(self.clock, limits, None if store is None else store(self.clock))
         #: A durable store holds replies until its write, which the clock runs.
         self.durable = store is not None and write_before_reading
