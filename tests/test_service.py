@@ -133,3 +133,26 @@ async def test_server_connections_have_tcp_nodelay(loopback_service: MQService) 
             assert plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
     finally:
         await client.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_embedded_service_keeps_its_messages_in_a_durable_store(tmp_path: Any) -> None:
+    from mqmq.stores.sqlite import SqliteStore
+
+    path = str(tmp_path / "queues.db")
+    first = MQService(reactor, ["tcp:0:interface=127.0.0.1"], store=SqliteStore(path, "always", reactor))
+    first.startService()
+    port = first.ports[0].getHost().port
+    client = await connect(reactor, f"127.0.0.1:{port}")
+    await client.put(b"jobs", b"kept")
+    await client.disconnect()
+    await first.stopService()
+
+    second = MQService(reactor, ["tcp:0:interface=127.0.0.1"], store=SqliteStore(path, "always", reactor))
+    second.startService()
+    try:
+        client = await connect(reactor, f"127.0.0.1:{second.ports[0].getHost().port}")
+        assert await client.get(b"jobs") == b"kept"
+        await client.disconnect()
+    finally:
+        await second.stopService()
