@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections import deque
+from itertools import chain
 from typing import Any, Callable, Iterable, Optional, cast
 
 from twisted.internet import task, threads
@@ -96,7 +97,7 @@ def _insert_rows(db: sqlite3.Connection, rows: list[tuple[int, int, int, bytes]]
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         chunk = rows[start:start + ROWS_PER_STATEMENT]
         db.execute("INSERT INTO messages (id, queue, pos, body) VALUES "
-                   + ",".join(["(?,?,?,?)"] * len(chunk)), [value for row in chunk for value in row])
+                   + ",".join(["(?,?,?,?)"] * len(chunk)), list(chain.from_iterable(chunk)))
 
 
 def _delete_rows(db: sqlite3.Connection, ids: list[int]) -> None:
