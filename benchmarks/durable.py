@@ -547,7 +547,7 @@ class Durable:
         commits = []
         db = sqlite3.connect(database, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA journal_mode = WAL").fetchall()  # read: PyPy resets a statement only then
             db.execute("PRAGMA synchronous = FULL")
             db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
             body = b"x" * MESSAGE_SIZE

@@ -195,8 +195,8 @@ def test_fsync_settings(tmp_path: Path, fsync: str, synchronous: int) -> None:
     store = broker.store
     assert isinstance(store, SqliteStore)
     assert store._db is not None
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == synchronous
-    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchall()[0][0] == synchronous
+    assert store._db.execute("PRAGMA journal_mode").fetchall()[0][0] == "wal"
     broker.put(b"q", b"m")
     clock.advance(0)
     assert store._unsynced

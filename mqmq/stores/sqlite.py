@@ -355,7 +355,7 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise StoreError(f"cannot open the database {path}: {error}") from None
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchall()[0][0]
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -364,7 +364,7 @@ class SqliteStore:
                 )
             if version == 0 and tables:
                 raise StoreError(f"{path} is an SQLite database, but not an mqmq one")
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
             if mode != "wal":
                 raise StoreError(f"cannot put the database {path} in WAL mode (it stays {mode!r})")
             db.execute(f"PRAGMA synchronous = {'FULL' if self.fsync == 'always' else 'NORMAL'}")
@@ -403,8 +403,8 @@ class SqliteStore:
                 owner.num_bytes = size
                 owner._on_disk = count
                 owner._refill()
-            (stored_next,) = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
-            (highest,) = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+            (stored_next,) = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchall()[0]
+            (highest,) = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchall()[0]
         except (sqlite3.Error, StoreError) as error:
             db.close()
             assert self._db is not None
