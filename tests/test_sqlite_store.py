@@ -455,3 +455,13 @@ def test_a_put_handed_to_a_waiter_is_answered_with_the_delivery(tmp_path: Path) 
     server.clock.advance(0)
     assert producer.replies() == [OK]
     assert consumer.replies() == [[b"OK", b"m"]]
+
+
+def test_a_new_database_is_for_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    clock, broker = started(path)
+    broker.put(b"q", b"secret")
+    clock.advance(0)
+    for made in (path, Path(f"{path}-wal")):
+        assert made.stat().st_mode & 0o777 == 0o600, made
+    stop(clock, broker)

@@ -274,8 +274,9 @@ class _Write:
 class SqliteStore:
     """Queues in an SQLite database; see the module's docstring.
 
-    :param path: the database file (created if missing, with its directory's
-        permissions; the WAL and shared-memory files sit beside it).
+    :param path: the database file, created if missing, readable and
+        writable by its owner only (mode 0600: it holds every message); the
+        WAL and shared-memory files SQLite makes beside it get its mode.
     :param fsync: ``always``, ``everysec`` or ``no``.
     :param reactor: runs the writer thread's results and the timers.
     :param run_writes: how a write is run: by default in the store's one
@@ -350,6 +351,11 @@ class SqliteStore:
 
     def _open(self) -> sqlite3.Connection:
         path = self.path
+        try:
+            # Made here, not by SQLite (0644 less the umask): it holds every message.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as error:
+            raise StoreError(f"cannot open the database {path}: {error.strerror}") from None
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
