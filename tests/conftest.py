@@ -61,6 +61,17 @@ def both_stores(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     return str(request.param)
 
 
+@pytest.fixture(scope="session")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The benchmarks' compiled load generator and floor (``loadgen``, ``floor``),
+    built once from scratch, away from benchmarks/build/; skips without a C compiler."""
+    bench = load_benchmark("bench")
+    if bench.find_compiler() is None:
+        pytest.skip("no C compiler found (cc, gcc or clang, or $CC): the benchmark's load "
+                    "generator and floor server are C")
+    return dict(bench.build_tools(str(tmp_path_factory.mktemp("bench-build")), quiet=True))
+
+
 def load_benchmark(name: str) -> ModuleType:
     """A tool of ``benchmarks/`` (``bench``, ``crash``, ``durable`` ...), imported by its path."""
     spec = importlib.util.spec_from_file_location(f"mqmq_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")

@@ -21,18 +21,6 @@ from conftest import load_benchmark
 
 bench = load_benchmark("bench")
 
-pytestmark = pytest.mark.skipif(
-    bench.find_compiler() is None,
-    reason="no C compiler found (cc, gcc or clang, or $CC): the benchmark's load generator "
-    "and floor server are C",
-)
-
-
-@pytest.fixture(scope="module")
-def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Built from scratch, away from benchmarks/build/."""
-    return dict(bench.build_tools(str(tmp_path_factory.mktemp("bench-build")), quiet=True))
-
 
 @pytest.fixture(scope="module")
 def servers(tools: dict[str, str]) -> Iterator[dict[str, Any]]:

@@ -25,18 +25,6 @@ from conftest import load_benchmark
 durable = load_benchmark("durable")
 bench = durable.bench
 
-pytestmark = pytest.mark.skipif(
-    bench.find_compiler() is None,
-    reason="no C compiler found (cc, gcc or clang, or $CC): the benchmark's load generator "
-    "and floor server are C",
-)
-
-
-@pytest.fixture(scope="module")
-def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Built from scratch, away from benchmarks/build/."""
-    return dict(bench.build_tools(str(tmp_path_factory.mktemp("durable-build")), quiet=True))
-
 
 @pytest.fixture
 def runner(tools: dict[str, str], tmp_path: Path) -> Iterator[Any]:
