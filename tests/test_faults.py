@@ -597,7 +597,12 @@ class Server:
         try:
             status = self.process.wait(timeout=within + 5)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {within + 5} s after signal {number}")
+            try:
+                state = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()[2:3]
+            except OSError:
+                state = []
+            pytest.fail(f"still running {within + 5} s after signal {number} ({state}); "
+                        f"its log ends:\n{self.output()[1][-3000:]}")
         return status, time.monotonic() - sent
 
     def cleanup(self) -> None:
