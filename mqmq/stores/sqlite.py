@@ -39,7 +39,7 @@ from itertools import chain
 from typing import Any, Callable, Iterable, Optional, cast
 
 from twisted.internet import task, threads
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -306,7 +306,6 @@ class SqliteStore:
         self.failure: Optional[str] = None
         self._write: Optional[_Write] = None
         self._writing = False
-        self._in_flight: Optional[Batch] = None
         #: Transactions written, and the changes (rows) they held, since start.
         self.commits = 0
         self.rows_written = 0
@@ -526,7 +525,6 @@ class SqliteStore:
             # would not show whether the disk is back.)
             write.next_id = self._next_id + ID_BLOCK
         self._writing = True
-        self._in_flight = write.batch
         writing = self._run(self._commit, write)
         writing.addCallbacks(self._written, self._write_failed, callbackArgs=(write,), errbackArgs=(write,))
 
@@ -562,7 +560,6 @@ class SqliteStore:
 
     def _written(self, _: object, write: _Write) -> None:
         self._writing = False
-        self._in_flight = None
         self._unsynced = True
         self.commits += 1
         if write.next_id:
@@ -582,7 +579,6 @@ class SqliteStore:
 
     def _write_failed(self, reason: Failure, write: _Write) -> None:
         self._writing = False
-        self._in_flight = None
         error = reason.value
         if not isinstance(error, (sqlite3.Error, OSError)):
             self.log.failure("writing to the database {path} failed", reason, path=self.path)
@@ -643,16 +639,6 @@ class SqliteStore:
         if self._run_writes is not None:
             return self._run_writes(function, *args)
         return threads.deferToThreadPool(self._reactor, self._pool, function, *args)
-
-    def flushed(self) -> Deferred[None]:
-        """Fires once every change made so far has been written (or has failed)."""
-        last = self.pending or self._in_flight
-        done: Deferred[None] = Deferred()
-        if last is None:
-            done.callback(None)
-        else:
-            last.when_done(lambda _: done.callback(None))
-        return done
 
     # Syncing (everysec) ----------------------------------------------------------
 
