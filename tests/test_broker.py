@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from mqmq.broker.broker import Broker
 from mqmq.errors import GetTimeout
-from mqmq.stores.sqlite import SqliteStore
+from wire import sqlite_store
 
 # Exactly representable, so clock arithmetic lands on the deadline exactly.
 EPSILON = 2.0**-10
@@ -35,8 +35,7 @@ def make_broker() -> tuple[Broker, task.Clock]:
     clock = task.Clock()
     if not _database:
         return Broker(clock), clock
-    broker = Broker(clock, store=SqliteStore(str(_database[0]), "always", clock,
-                                             run_writes=defer.maybeDeferred))
+    broker = Broker(clock, store=sqlite_store(_database[0])(clock))
     broker.startService()
     return broker, clock
 

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 
 from conftest import Processes, assert_one_error_line, bin_path, load_benchmark, logged_port, stop
 from mqmq.broker.broker import Broker
-from mqmq.stores.sqlite import SqliteStore
+from wire import sqlite_store
 
 
 
@@ -141,8 +141,7 @@ def test_a_torn_wal_recovers_to_the_last_whole_transaction(procs: Processes, tmp
         with open(copy / "q.db-wal", "r+b") as torn:
             torn.truncate(cut)
         clock = task.Clock()
-        broker = Broker(clock, store=SqliteStore(str(copy / "q.db"), "always", clock,
-                                                 run_writes=defer.maybeDeferred))
+        broker = Broker(clock, store=sqlite_store(copy / "q.db")(clock))
         broker.startService()
         recovered = []
         while (message := broker.take(b"q")) is not None:

@@ -22,7 +22,7 @@ from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -34,7 +34,7 @@ from mqmq.broker.broker import Broker
 from mqmq.wire.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame, encode_payload
 from mqmq.broker.limits import Limits
 from mqmq.server.protocol import LIVENESS_INTERVAL, MQServerFactory, MQServerProtocol
-from mqmq.stores.sqlite import SqliteStore
+from wire import sqlite_store
 
 Frame = list[bytes]
 
@@ -187,8 +187,7 @@ class World:
         store = None
         if self.database_directory is not None:
             # Real SQLite; its writes run at once when the clock advances.
-            store = SqliteStore(os.path.join(self.database_directory, "queues.db"), "always",
-                                self.clock, run_writes=defer.maybeDeferred)
+            store = sqlite_store(os.path.join(self.database_directory, "queues.db"))(self.clock)
         self.broker = Broker(self.clock, LIMITS, store)
         self.broker.startService()
         self.factory = MQServerFactory(self.broker)

@@ -10,12 +10,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer
 from twisted.logger import capturedLogs
 
-from mqmq.stores.sqlite import SqliteStore
 from mqmq.wire.codec import MAX_FRAME_LENGTH, decode_frames, encode_frame
-from wire import Frame, Server
+from wire import Frame, Server, sqlite_store
 
 
 OK_BYTES = b"\x00\x00\x00\x06\x00\x00\x00\x02OK"
@@ -33,9 +31,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Server:
     """A server on each store: the SQLite one real, its writes run by the clock."""
     if request.param == "memory":
         return Server()
-    return Server(store=lambda clock: SqliteStore(str(tmp_path / "queues.db"), "always", clock,
-                                                  run_writes=defer.maybeDeferred),
-                  write_before_reading=True)
+    return Server(store=sqlite_store(tmp_path / "queues.db"), write_before_reading=True)
 
 
 # Put, Get, Info, Quit

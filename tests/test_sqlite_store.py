@@ -16,16 +16,9 @@ from mqmq.broker.broker import Broker
 from mqmq.errors import StoreError
 from mqmq.broker.limits import Limits
 from mqmq.stores.sqlite import SCHEMA_VERSION, SqliteQueue, SqliteStore
-from wire import Server
+from wire import Server, sqlite_store
 
 OK = [b"OK"]
-
-
-def sqlite_store(path: Path, fsync: str = "always") -> Callable[[task.Clock], SqliteStore]:
-    def make(clock: task.Clock) -> SqliteStore:
-        return SqliteStore(str(path), fsync, clock, run_writes=defer.maybeDeferred)
-
-    return make
 
 
 def started(path: Path, fsync: str = "always", limits: Limits = Limits()) -> tuple[task.Clock, Broker]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -21,6 +21,16 @@ from mqmq.stores.base import Store
 from mqmq.stores.sqlite import SqliteStore
 
 Frame = list[bytes]
+
+
+def sqlite_store(path: Union[str, os.PathLike[str]], fsync: str = "always") -> Callable[[task.Clock], SqliteStore]:
+    """Makes an SQLite store at ``path`` (real SQLite, no thread) whose writes
+    run at once, when the clock that drives it advances."""
+
+    def make(clock: task.Clock) -> SqliteStore:
+        return SqliteStore(os.fspath(path), fsync, clock, run_writes=defer.maybeDeferred)
+
+    return make
 
 
 class Server:
@@ -41,13 +51,11 @@ class Server:
         self.clock = task.Clock()
         if store is None and os.environ.get("MQMQ_TEST_STORE") == "sqlite":
             # Every fake-transport test on the SQLite store (in a fresh file).
-            directory = tempfile.mkdtemp(prefix="mqmq-wire-")
-            store = lambda clock: SqliteStore(  # noqa: E731
-                os.path.join(directory, "queues.db"), "always", clock, run_writes=defer.maybeDeferred)
+            store = sqlite_store(os.path.join(tempfile.mkdtemp(prefix="mqmq-wire-"), "queues.db"))
             write_before_reading = True
         self.broker = Broker(self.clock, limits, None if store is None else store(self.clock))
-        #: A durable store holds replies until its write, which the clock runs.
-        self.durable = store is not None and write_before_reading
+        # A durable store holds replies until its write, which the clock runs.
+        self._write_before_reading = store is not None and write_before_reading
         if store is not None:
             self.broker.startService()
         self.factory = MQServerFactory(self.broker)
@@ -65,7 +73,7 @@ class Server:
         if transport is None:
             transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self._port))
         protocol.makeConnection(transport)
-        return Connection(protocol, transport, self.clock if self.durable else None)
+        return Connection(protocol, transport, self.clock if self._write_before_reading else None)
 
     def queue_contents(self) -> dict[bytes, list[bytes]]:
         """Every queue and its messages, read (and put back) through the broker."""
