@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _STARTED = re.compile(rb"starting server: 127\.0\.0\.1:(\d+)")
@@ -132,6 +132,16 @@ class Server:
                 self.process.kill()
                 self.process.wait()
 
+    def connections(self, stopping: threading.Event) -> Iterator[socket.socket]:
+        """A connection to each server in turn, until ``stopping``: the next one
+        once the caller is done with (and has lost) the last."""
+        generation = 0
+        while not stopping.is_set():
+            sock, generation = self.connect(generation, stopping)
+            if sock is not None:
+                with sock:
+                    yield sock
+
     def connect(self, seen: int, stopping: threading.Event) -> tuple[Optional[socket.socket], int]:
         """A connection to the current server, once there is one newer than ``seen``."""
         with self.changed:
@@ -168,51 +178,40 @@ def message_of(producer: int, seq: int, size: int) -> bytes:
 def producer(server: Server, tally: Tally, number: int, queue: bytes, queue_index: int,
              size: int, stopping: threading.Event) -> None:
     seq = 0
-    generation = 0
-    while not stopping.is_set():
-        sock, generation = server.connect(generation, stopping)
-        if sock is None:
-            continue
-        with sock:
-            while not stopping.is_set():
-                message = message_of(number, seq, size)
-                try:
-                    sock.sendall(frame(b"Put", queue, message))
-                    reply = read_reply(sock)
-                except OSError:
-                    tally.uncertain.add(message)
-                    seq += 1
-                    break
-                seq += 1
-                if reply == [b"OK"]:
-                    tally.acknowledged[message] = (queue_index, number)
-                elif reply[:1] == [b"Error"]:
-                    tally.refused += 1
-                else:
-                    raise AssertionError(f"unexpected reply to Put: {reply!r}")
+    for sock in server.connections(stopping):
+        while not stopping.is_set():
+            message = message_of(number, seq, size)
+            seq += 1
+            try:
+                sock.sendall(frame(b"Put", queue, message))
+                reply = read_reply(sock)
+            except OSError:
+                tally.uncertain.add(message)
+                break
+            if reply == [b"OK"]:
+                tally.acknowledged[message] = (queue_index, number)
+            elif reply[:1] == [b"Error"]:
+                tally.refused += 1
+            else:
+                raise AssertionError(f"unexpected reply to Put: {reply!r}")
 
 
 def consumer(server: Server, tally: Tally, number: int, queue: bytes, stopping: threading.Event) -> None:
-    generation = 0
     get = frame(b"Get", queue, b"%d" % GET_TIMEOUT_MS)
-    while not stopping.is_set():
-        sock, generation = server.connect(generation, stopping)
-        if sock is None:
-            continue
-        with sock:
-            while not stopping.is_set():
-                try:
-                    sock.sendall(get)
-                    reply = read_reply(sock)
-                except OSError:
-                    tally.gets_cut += 1
-                    break
-                if reply[:1] == [b"OK"] and len(reply) == 2:
-                    tally.delivered.append((number, reply[1]))
-                elif reply == [b"Timeout"]:
-                    tally.timeouts += 1
-                else:
-                    raise AssertionError(f"unexpected reply to Get: {reply!r}")
+    for sock in server.connections(stopping):
+        while not stopping.is_set():
+            try:
+                sock.sendall(get)
+                reply = read_reply(sock)
+            except OSError:
+                tally.gets_cut += 1
+                break
+            if reply[:1] == [b"OK"] and len(reply) == 2:
+                tally.delivered.append((number, reply[1]))
+            elif reply == [b"Timeout"]:
+                tally.timeouts += 1
+            else:
+                raise AssertionError(f"unexpected reply to Get: {reply!r}")
 
 
 def drain(port: int, queues: list[bytes], tally: Tally) -> int:
