@@ -72,6 +72,17 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return dict(bench.build_tools(str(tmp_path_factory.mktemp("bench-build")), quiet=True))
 
 
+def run_keeping_signals(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """A benchmark tool's ``main(argv)``, which sets its own SIGTERM and SIGHUP
+    handlers: the test process gets its own back afterwards."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return main(argv)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
 def load_benchmark(name: str) -> ModuleType:
     """A tool of ``benchmarks/`` (``bench``, ``crash``, ``durable`` ...), imported by its path."""
     spec = importlib.util.spec_from_file_location(f"mqmq_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")

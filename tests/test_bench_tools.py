@@ -10,14 +10,13 @@ checked.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from conftest import load_benchmark
+from conftest import load_benchmark, run_keeping_signals
 
 bench = load_benchmark("bench")
 
@@ -110,13 +109,9 @@ def test_bench_runs_every_workload_clean(tools: dict[str, str], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(bench, "BUILD_DIR", str(Path(tools["loadgen"]).parent))
     out = tmp_path / "results.json"
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:  # main() sets its own; the test process keeps its
-        status = bench.main(["--divide", "1000", "--json", str(out), "--chart", str(tmp_path / "chart.png"),
-                             "--workloads", "sync,steady,consumers,fan,pipelined,memory,large,idle,scaling"])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    status = run_keeping_signals(bench.main, [
+        "--divide", "1000", "--json", str(out), "--chart", str(tmp_path / "chart.png"),
+        "--workloads", "sync,steady,consumers,fan,pipelined,memory,large,idle,scaling"])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["errors"] == [], printed

@@ -13,14 +13,13 @@ Figures are never compared with anything.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from conftest import load_benchmark
+from conftest import load_benchmark, run_keeping_signals
 
 durable = load_benchmark("durable")
 bench = durable.bench
@@ -58,12 +57,7 @@ def test_a_quick_run_is_clean_and_every_figure_positive(tools: dict[str, str], t
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(bench, "BUILD_DIR", str(Path(tools["loadgen"]).parent))
     out = tmp_path / "durable.json"
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:  # main() sets its own; the test process keeps its
-        status = durable.main(["--quick", "--only", "throughput,restart,sync", "--json", str(out)])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    status = run_keeping_signals(durable.main, ["--quick", "--only", "throughput,restart,sync", "--json", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["errors"] == [], printed
