@@ -650,9 +650,18 @@ static void consumer_reply(consumer_t *c, const u8 *buf, size_t have, uint64_t s
     }
 }
 
+/* Fails once no message has been delivered for STALL_S seconds (t: now). */
+static void fail_if_stalled(uint64_t t) {
+    uint64_t last = atomic_load(&g_last_delivery);
+    if (t > last && t - last > (uint64_t)STALL_S * 1000000000u)
+        fail("only %ld of %ld messages delivered, none in the last %d s",
+             atomic_load(&g_delivered), g_total, STALL_S);
+}
+
 /* --multiplex: every consumer on one epoll thread (the old "fan"): each
    still has one Get in flight, but replies that arrive together are read in
    one wake-up and their next Gets go out together. */
+
 static void *consumers_epoll_main(void *arg) {
     consumer_t *cons = arg;
     int n = g_nconsumers;
@@ -683,10 +692,7 @@ static void *consumers_epoll_main(void *arg) {
         uint64_t t = now_ns();
         if (ready < 0 && errno != EINTR) fail("epoll_wait: %s", strerror(errno));
         if (ready <= 0) {
-            uint64_t last = atomic_load(&g_last_delivery);
-            if (t > last && t - last > (uint64_t)STALL_S * 1000000000u)
-                fail("only %ld of %ld messages delivered, none in the last %d s",
-                     atomic_load(&g_delivered), g_total, STALL_S);
+            fail_if_stalled(t);
             continue;
         }
         for (int e = 0; e < ready && atomic_load(&g_delivered) < g_total; e++) {
@@ -789,10 +795,7 @@ static void *consumers_window_main(void *arg) {
         uint64_t t = now_ns();
         if (ready < 0 && errno != EINTR) fail("epoll_wait: %s", strerror(errno));
         if (ready <= 0) {
-            uint64_t last = atomic_load(&g_last_delivery);
-            if (t > last && t - last > (uint64_t)STALL_S * 1000000000u)
-                fail("only %ld of %ld messages delivered, none in the last %d s",
-                     atomic_load(&g_delivered), g_total, STALL_S);
+            fail_if_stalled(t);
             continue;
         }
         for (int e = 0; e < ready && atomic_load(&g_delivered) < g_total; e++) {
@@ -860,10 +863,7 @@ static void *consumer_main(void *arg) {
             t = now_ns();
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
                 if (atomic_load(&g_finished)) goto done;
-                uint64_t last = atomic_load(&g_last_delivery);
-                if (t > last && t - last > (uint64_t)STALL_S * 1000000000u)
-                    fail("only %ld of %ld messages delivered, none in the last %d s",
-                         atomic_load(&g_delivered), g_total, STALL_S);
+                fail_if_stalled(t);
                 continue;
             }
             if (n <= 0) {
