@@ -440,14 +440,50 @@ def test_the_window_never_takes_spilled_messages_before_older_ones_on_disk(tmp_p
 
 def test_a_put_handed_to_a_waiter_is_answered_with_the_delivery(tmp_path: Path) -> None:
     server = Server(store=sqlite_store(tmp_path / "q.db"))
+    store = server.broker.store
+    assert isinstance(store, SqliteStore)
     producer, consumer = server.connect(), server.connect()
     consumer.send([b"Get", b"q", b"1000"])
+    server.clock.advance(0)  # the queue's row
+    commits = store.commits
     producer.send([b"Put", b"q", b"m"])
     # Neither reply goes out alone: a crash now loses nothing answered OK.
     assert producer.replies() == [] and consumer.replies() == []
     server.clock.advance(0)
     assert producer.replies() == [OK]
     assert consumer.replies() == [[b"OK", b"m"]]
+    # The message never reached the disk, and nothing else changed: no
+    # (empty) transaction was written for it.
+    assert store.commits == commits
+
+
+def test_an_empty_batch_still_waits_for_the_write_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    writes: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def later(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        writes.append((function, args, done))
+        return done
+
+    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=later))
+    first, producer, consumer = server.connect(), server.connect(), server.connect()
+    first.send([b"Put", b"a", b"stored"])
+    server.clock.advance(0)
+    assert len(writes) == 1  # in flight
+    consumer.send([b"Get", b"q", b"1000"])
+    server.clock.advance(0)
+    producer.send([b"Put", b"q", b"handed"])
+    server.clock.advance(0)
+    assert first.replies() == [] and producer.replies() == [] and consumer.replies() == []
+    function, args, done = writes.pop(0)
+    done.callback(function(*args))
+    # The queues' rows, then the hand-over's batch, which writes nothing.
+    function, args, done = writes.pop(0)
+    done.callback(function(*args))
+    assert writes == []
+    assert first.replies() == [OK] and producer.replies() == [OK]
+    assert consumer.replies() == [[b"OK", b"handed"]]
 
 
 def test_a_new_database_is_for_its_owner_only(tmp_path: Path) -> None:

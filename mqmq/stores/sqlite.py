@@ -38,14 +38,14 @@ from collections import deque
 from itertools import chain
 from typing import Any, Callable, Iterable, Optional, cast
 
-from twisted.internet import task, threads
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from mqmq.errors import StoreError
 from mqmq.stores.base import Batch, StoredQueue
+from mqmq.stores.worker import WorkerThread
 
 #: The layout this code writes (``PRAGMA user_version``); a database with a
 #: higher one came from a newer mqmq and is refused.
@@ -280,7 +280,7 @@ class SqliteStore:
     :param fsync: ``always``, ``everysec`` or ``no``.
     :param reactor: runs the writer thread's results and the timers.
     :param run_writes: how a write is run: by default in the store's one
-        writer thread (``deferToThreadPool``); tests pass a function that
+        writer thread (:class:`WorkerThread`); tests pass a function that
         runs it at once (``defer.maybeDeferred``), to drive the store with a
         ``task.Clock``.
     """
@@ -320,7 +320,7 @@ class SqliteStore:
         # The next id the database has: every id handed out is below it.
         self._id_mark = 1
         self._next_queue_id = 1
-        self._pool = ThreadPool(1, 1, "mqmq-sqlite")
+        self._writer: Optional[WorkerThread] = None
         self._run_writes = run_writes
         self._db: Optional[sqlite3.Connection] = None
         self._reader: Optional[sqlite3.Connection] = None
@@ -518,6 +518,15 @@ class SqliteStore:
             write = self._open_write()
         self._write = None
         self.pending = None
+        if self.failure is None and not (write.inserts or write.deletes or write.new_queues
+                                         or write.dropped_queues or write.spilled):
+            # Nothing to write: every message it added was taken in the
+            # same batch (handed to a waiting Get).  Every earlier batch is
+            # written, so its replies may go now, without a trip to the
+            # writer thread for an empty transaction.
+            write.batch.finish()
+            self._after_write()
+            return
         if self._next_id > self._id_mark or self.failure is not None:
             # The ids handed out stay below what the database says is next,
             # written once per ID_BLOCK ids rather than with every commit.
@@ -638,7 +647,8 @@ class SqliteStore:
     def _run(self, function: Callable[..., None], *args: Any) -> Deferred[None]:
         if self._run_writes is not None:
             return self._run_writes(function, *args)
-        return threads.deferToThreadPool(self._reactor, self._pool, function, *args)
+        assert self._writer is not None
+        return self._writer.run(function, *args)
 
     # Syncing (everysec) ----------------------------------------------------------
 
@@ -667,7 +677,8 @@ class SqliteStore:
 
     def start(self) -> None:
         if self._run_writes is None:
-            self._pool.start()
+            self._writer = WorkerThread(self._reactor, "mqmq-sqlite-writer")
+            self._writer.start()
         if self.fsync == "everysec":
             self._syncer = task.LoopingCall(self._sync)
             self._syncer.clock = self._reactor
@@ -698,8 +709,8 @@ class SqliteStore:
             self.log.error("stopping with changes the database {path} did not take "
                            "(removals of delivered messages, put-backs): {error}",
                            path=self.path, error=self.failure)
-        if self._pool.started:
-            self._pool.stop()
+        if self._writer is not None:
+            self._writer.stop()
         for db in (self._db, self._reader):
             if db is not None:
                 try:
