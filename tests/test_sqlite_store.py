@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, task
 
 from mqmq.broker.broker import Broker
-from mqmq.errors import StoreError
+from mqmq.errors import GetTimeout, StoreError
+from mqmq.stores import sqlite
 from mqmq.broker.limits import Limits
 from mqmq.stores.sqlite import SCHEMA_VERSION, SqliteQueue, SqliteStore
 from wire import Server, sqlite_store
@@ -493,4 +494,194 @@ def test_a_new_database_is_for_its_owner_only(tmp_path: Path) -> None:
     clock.advance(0)
     for made in (path, Path(f"{path}-wal")):
         assert made.stat().st_mode & 0o777 == 0o600, made
+    stop(clock, broker)
+
+
+class HeldReads:
+    """Reads of the disk that answer only when told (``finish``), as a slow
+    disk in the reader thread would; ``failing`` makes them fail instead."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+        self.failing = False
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((function, args, done))
+        return done
+
+    def finish(self) -> int:
+        """Answer every read asked for so far; returns how many."""
+        calls, self.calls = self.calls, []
+        for function, args, done in calls:
+            if self.failing:
+                done.errback(sqlite3.OperationalError("disk I/O error"))
+            else:
+                done.callback(function(*args))
+        return len(calls)
+
+
+def with_held_reads(path: Path) -> tuple[task.Clock, Broker, HeldReads]:
+    reads = HeldReads()
+    clock = task.Clock()
+    store = SqliteStore(str(path), "always", clock, run_writes=defer.maybeDeferred, run_reads=reads)
+    broker = Broker(clock, Limits(), store)
+    broker.startService()
+    return clock, broker, reads
+
+
+def filled(path: Path, count: int) -> list[bytes]:
+    """A database whose queue ``q`` holds ``count`` messages, most on disk alone."""
+    clock, broker = started(path)
+    sent = [b"m%03d" % n for n in range(count)]
+    for message in sent:
+        broker.put(b"q", message)
+    stop(clock, broker)
+    return sent
+
+
+@pytest.mark.usefixtures("small_window")
+def test_the_window_is_refilled_by_a_read_that_never_stops_the_gets(tmp_path: Path) -> None:
+    sent = filled(tmp_path / "q.db", 30)
+    clock, broker, reads = with_held_reads(tmp_path / "q.db")
+    taken = [broker.take(b"q") for _ in range(4)]  # the window: 8, down to 4
+    assert reads.calls == []
+    taken.append(broker.take(b"q"))  # at 4: a read starts, and the Get is answered meanwhile
+    assert len(reads.calls) == 1
+    taken += [broker.take(b"q") for _ in range(3)]
+    assert len(reads.calls) == 1  # one read at a time
+    assert reads.finish() == 1
+    while (message := broker.take(b"q")) is not None or reads.finish():
+        if message is not None:
+            taken.append(message)
+    assert taken == sent
+    stop(clock, broker)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_gets_that_find_the_window_empty_wait_for_the_read_in_their_order(tmp_path: Path) -> None:
+    sent = filled(tmp_path / "q.db", 30)
+    clock, broker, reads = with_held_reads(tmp_path / "q.db")
+    taken = [broker.take(b"q") for _ in range(8)]
+    assert broker.take(b"q") is None  # the read is not back: none at hand
+    assert len(broker._queues[b"q"].messages) == 22  # though the queue holds them
+    first, second = broker.get(b"q", 10), broker.get(b"q", 10)
+    broker.put(b"q", b"new")  # behind the 22, not to the waiting Gets
+    assert broker.take(b"q") is None  # nor to a later Get
+    assert not first.called and not second.called
+    reads.finish()
+    assert broker.take(b"q") is None  # in, but the waiting Gets come first
+    clock.advance(0)  # the store says they arrived: the waiters are served, oldest first
+    assert first.result == sent[8] and second.result == sent[9]
+    while (message := broker.take(b"q")) is not None or reads.finish():
+        if message is not None:
+            taken.append(message)
+    assert taken[8:] == sent[10:] + [b"new"]
+    assert broker.num_messages == 0
+    stop(clock, broker)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_a_failed_read_is_tried_again_and_loses_nothing(tmp_path: Path) -> None:
+    sent = filled(tmp_path / "q.db", 20)
+    clock, broker, reads = with_held_reads(tmp_path / "q.db")
+    taken = [broker.take(b"q") for _ in range(8)]
+    waiting = broker.get(b"q", 60)
+    reads.failing = True
+    assert reads.finish() == 1
+    assert not waiting.called
+    clock.advance(sqlite.RETRY_SECONDS)  # read again
+    reads.failing = False
+    assert reads.finish() == 1
+    clock.advance(0)
+    assert waiting.result == sent[8]
+    while (message := broker.take(b"q")) is not None or reads.finish():
+        if message is not None:
+            taken.append(message)
+    assert taken == sent[:8] + sent[9:]
+    stop(clock, broker)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_a_get_that_times_out_waiting_for_a_read_takes_nothing(tmp_path: Path) -> None:
+    sent = filled(tmp_path / "q.db", 20)
+    clock, broker, reads = with_held_reads(tmp_path / "q.db")
+    taken = [broker.take(b"q") for _ in range(8)]
+    waiting = broker.get(b"q", 1)
+    failures: list[Any] = []
+    waiting.addErrback(failures.append)
+    clock.advance(1)
+    assert failures and failures[0].check(GetTimeout)
+    reads.finish()
+    clock.advance(0)
+    while (message := broker.take(b"q")) is not None or reads.finish():
+        if message is not None:
+            taken.append(message)
+    assert taken == sent
+    stop(clock, broker)
+
+
+@pytest.mark.usefixtures("small_window")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 1)),
+    st.tuples(st.just("get"), st.integers(0, 1)),
+    st.tuples(st.just("take"), st.integers(0, 1)),
+    st.tuples(st.just("write"), st.just(0)),
+    st.tuples(st.just("read"), st.just(0)),
+    st.tuples(st.just("turn"), st.just(0)),
+), max_size=150))
+@example(steps=[("put", 0)] * 4 + [("write", 0)] + [("take", 0)] * 3 + [("get", 0), ("put", 0), ("read", 0)])
+@example(steps=[("put", 0)] * 6 + [("write", 0)] + [("take", 0)] * 3 + [("get", 0), ("get", 0), ("read", 0),
+                                                                        ("take", 0)])
+def test_with_reads_that_answer_late_every_get_is_served_in_order_and_nothing_is_lost(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int]]
+) -> None:
+    path = tmp_path_factory.mktemp("late") / "q.db"
+    sent: dict[bytes, list[bytes]] = {b"a": [], b"b": []}
+    names = list(sent)
+    # What each queue's Gets (waiting ones included) and takes received, in order.
+    received: dict[bytes, list[defer.Deferred[bytes]]] = {b"a": [], b"b": []}
+    clock, broker, reads = with_held_reads(path)
+    for number, (action, index) in enumerate(steps):
+        queue = names[index]
+        if action == "put":
+            message = b"%s%d" % (queue, number) + b"." * 20  # 3 fill the window
+            broker.put(queue, message)
+            sent[queue].append(message)
+        elif action == "get":
+            received[queue].append(broker.get(queue, 1000))
+        elif action == "take":
+            message = broker.take(queue)
+            if message is not None:
+                received[queue].append(defer.succeed(message))
+        elif action == "write":
+            clock.advance(0)
+        elif action == "read":
+            reads.finish()
+        else:
+            clock.advance(0)
+    # Every read answered and every waiter served: Gets in their order, FIFO.
+    clock.advance(0)
+    while reads.finish():
+        clock.advance(0)
+    for queue in names:
+        results = []
+        for deferred in received[queue]:
+            if not deferred.called:
+                break
+            results.append(deferred.result)
+        assert all(not deferred.called for deferred in received[queue][len(results):])
+        left = []
+        while (message := broker.take(queue)) is not None or reads.finish():
+            clock.advance(0)
+            if message is not None:
+                left.append(message)
+        assert results + left == sent[queue][:len(results) + len(left)]
+        # Every Get still waiting found the queue truly empty.
+        assert len(results) + len(left) == len(sent[queue])
+    for deferreds in received.values():
+        for deferred in deferreds:
+            if not deferred.called:
+                deferred.cancel()
     stop(clock, broker)

@@ -53,8 +53,11 @@ class QueueState:
     """One queue as the broker sees it: its messages (kept by the store) and
     the ``Get``s waiting on it.
 
-    A queue never holds messages and waiters at once: a message arriving
-    while someone waits goes straight to the oldest waiter.
+    A queue never holds messages *at hand* and waiters at once: a message
+    arriving while someone waits goes straight to the oldest waiter.  It may
+    hold messages that its store is still fetching (``pop()`` answers
+    ``None``) while ``Get``s wait: those go to the waiters when the store
+    says they have arrived, and new messages wait behind them.
     """
 
     __slots__ = ("name", "messages", "waiters")
@@ -161,6 +164,7 @@ class Broker(service.Service):
         # The id of the message a put stored after passing over departed waiters.
         self._stored_id: Optional[int] = None
         self.store.dropped = self._dropped
+        self.store.arrived = self._arrived
         self._store_open = False
 
     def privilegedStartService(self) -> None:
@@ -346,6 +350,13 @@ class Broker(service.Service):
     def _hand_over(
         self, queue_name: bytes, messages: tuple[bytes, ...], front: bool, handed: list[int]
     ) -> None:
+        if not front:
+            queue = self._queues.get(queue_name)
+            if queue is not None and queue.messages:
+                # Older messages the store is still fetching come first
+                # (see Store.arrived); a new one waits behind them.
+                self._keep(queue_name, messages, front)
+                return
         for index, message in enumerate(messages):
             waiter = self._next_waiter(queue_name)
             if waiter is None:
@@ -382,13 +393,18 @@ class Broker(service.Service):
     # Messages out ----------------------------------------------------------
 
     def take(self, queue_name: bytes) -> Optional[bytes]:
-        """Remove and return the oldest message of a queue, or ``None`` if empty.
+        """Remove and return the oldest message of a queue, or ``None`` if it
+        has none at hand (it is empty, or its store is fetching them: a
+        ``get`` then waits for them).
 
         Creates the queue if it does not exist, as a ``Get`` does.
         """
         if type(queue_name) is not bytes:
             _check_name(queue_name)
         queue = self._queue(queue_name)
+        if queue.waiters:
+            # Gets that came first wait for what the store is fetching.
+            return None
         messages = queue.messages
         message = messages.pop()
         if message is not None:
@@ -397,6 +413,25 @@ class Broker(service.Service):
         if not messages and not queue.waiters:
             self._touch_idle(queue)
         return message
+
+    def _arrived(self, queue_name: bytes) -> None:
+        # The store has at hand messages it had to fetch: they go to the
+        # Gets that found none at hand and wait, oldest first.  (One left
+        # over, its consumer gone, goes back to the front.)
+        queue = self._queues.get(queue_name)
+        if queue is None or not queue.waiters:
+            return
+        messages = queue.messages
+        taken = []
+        for _ in range(len(queue.waiters)):
+            message = messages.pop()
+            if message is None:
+                break
+            taken.append(message)
+            self.num_messages -= 1
+            self.num_bytes -= len(message)
+        if taken:
+            self._offer(queue_name, tuple(taken), front=True)
 
     def _dropped(self, queue_name: bytes, message: bytes) -> None:
         # The store lost a message it had taken (its write failed): the

@@ -8,9 +8,19 @@ from typing import Callable, Iterable, Optional, Protocol
 class StoredQueue(Protocol):
     """One queue's messages as a store keeps them, oldest first.
 
-    Every call answers at once from memory: a durable store records the
-    change in its open :class:`Batch`, and whoever answers a client for it
-    waits for that batch (``Store.pending``) to be written.
+    Every call answers at once, and never waits for a disk or a network:
+
+    - a change is recorded in the store's open :class:`Batch`, and whoever
+      answers a client for it waits for that batch (``Store.pending``) to be
+      written (the memory store has none: its changes are done at once);
+    - :meth:`pop` answers from what the store has at hand.  A store that
+      keeps messages elsewhere (on disk, in another server) fetches them
+      ahead, and when none is at hand answers ``None`` although
+      ``len(queue)`` counts some; it then owes ``Store.arrived(name)``
+      once it has them, and the broker hands them to the waiting ``Get`` requests.
+
+    So the memory store keeps its synchronous fast path, and a store whose
+    answers come later (a Deferred's) fits without changing the broker.
     """
 
     name: bytes
@@ -27,7 +37,8 @@ class StoredQueue(Protocol):
         """Put back a message that could not be delivered, to go out next."""
 
     def pop(self) -> Optional[bytes]:
-        """Remove and return the oldest message, or ``None`` when empty."""
+        """Remove and return the oldest message, or ``None`` when it has none
+        at hand (then, if ``len()`` is not 0, ``Store.arrived`` follows)."""
 
 
 class Store(Protocol):
@@ -43,6 +54,11 @@ class Store(Protocol):
     #: Set by the broker: called with (queue name, message) for each message
     #: a store had taken but dropped because writing it failed.
     dropped: Optional[Callable[[bytes, bytes], object]]
+    #: Set by the broker: called with a queue's name when messages it did
+    #: not have at hand (its ``pop()`` answered ``None`` while it held some)
+    #: are at hand, from the reactor thread, never from within a call of
+    #: the broker's.
+    arrived: Optional[Callable[[bytes], object]]
 
     def queue(self, name: bytes) -> StoredQueue:
         """A new, empty queue (recorded in the store)."""

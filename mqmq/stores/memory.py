@@ -129,6 +129,8 @@ class MemoryStore:
     failure: Optional[str] = None
     durable = False
     dropped: Optional[Callable[[bytes, bytes], object]] = None
+    #: Never called: every message is always at hand.
+    arrived: Optional[Callable[[bytes], object]] = None
 
     def queue(self, name: bytes) -> MemoryQueue:
         return MemoryQueue(name)

@@ -39,7 +39,7 @@ from itertools import chain
 from typing import Any, Callable, Iterable, Optional, cast
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -115,13 +115,19 @@ class SqliteQueue:
     or :data:`WINDOW_BYTES` bytes, new messages *spill*: they are kept in
     memory only until the batch that writes them is written, and from then
     on are on disk alone.  As consumers drain the window it is refilled
-    from the disk, oldest first (a read of at most a window, in the reactor
-    thread: about a millisecond), then from the spilled messages not yet
+    from the disk, oldest first, then from the spilled messages not yet
     written.  So memory does not grow with what a queue holds.
+
+    A read from the disk (at most a window) runs in the store's reader
+    thread, started when the window is down to :data:`WINDOW_REFILL_BELOW`
+    messages, so the reactor never waits for the disk.  Should consumers
+    empty the window before the read is back, :meth:`pop` answers ``None``
+    and the store calls ``arrived`` once the messages are in.
     """
 
     __slots__ = ("name", "queue_id", "num_bytes", "_ids", "_messages", "_window_bytes",
-                 "_spilled", "_on_disk", "_tail_pos", "_front", "_back", "_store")
+                 "_spilled", "_on_disk", "_tail_pos", "_front", "_back", "_store",
+                 "_reading", "_starved")
 
     def __init__(self, store: SqliteStore, name: bytes, queue_id: int) -> None:
         self.name = name
@@ -142,6 +148,11 @@ class SqliteQueue:
         self._front = 0
         self._back = 0
         self._store = store
+        # A read from the disk is on its way.
+        self._reading = False
+        # pop() answered None while messages were on disk: the store owes
+        # the broker an `arrived`.
+        self._starved = False
 
     def __len__(self) -> int:
         return len(self._messages) + len(self._spilled) + self._on_disk
@@ -183,9 +194,11 @@ class SqliteQueue:
 
     def pop(self) -> Optional[bytes]:
         messages = self._messages
-        if len(messages) <= WINDOW_REFILL_BELOW and (self._on_disk or self._spilled):
+        if len(messages) <= WINDOW_REFILL_BELOW and (self._on_disk or self._spilled) and not self._reading:
             self._refill()
         if not messages:
+            if self._on_disk:
+                self._starved = True
             return None
         message_id = self._ids.popleft()
         message = messages.popleft()
@@ -195,26 +208,44 @@ class SqliteQueue:
         return message
 
     def _refill(self) -> None:
-        """Fill the window from the disk, then from the spilled messages."""
+        """Fill the window from the disk (a read, maybe in another thread),
+        or, once nothing is on disk alone, from the spilled messages."""
+        if not self._on_disk:
+            self._take_spilled()
+            return
         room = WINDOW_MESSAGES - len(self._messages)
+        if room > 0:
+            self._reading = True
+            self._store._read_for(self, room, WINDOW_BYTES - self._window_bytes)
+
+    def _take_spilled(self) -> None:
         spilled = self._spilled
-        if self._on_disk and room > 0:
-            for message_id, pos, body in self._store._read(self.queue_id, self._tail_pos, room,
-                                                          WINDOW_BYTES - self._window_bytes):
-                if spilled and spilled[0][0] == message_id:
-                    # Written a moment ago; the news has not reached us yet.
-                    spilled.popleft()
-                else:
-                    self._on_disk -= 1
-                self._take_in(message_id, pos, bytes(body))
-                room -= 1
-        if self._on_disk:
-            return  # older messages are still on disk: the spilled ones wait their turn
+        room = WINDOW_MESSAGES - len(self._messages)
         while spilled and room > 0 and (not self._messages or
                                         self._window_bytes + len(spilled[0][2]) <= WINDOW_BYTES):
             message_id, pos, message, _ = spilled.popleft()
             self._take_in(message_id, pos, message)
             room -= 1
+
+    def _read_done(self, rows: list[tuple[int, int, bytes]]) -> None:
+        """Take in what a read found: the oldest messages after the window."""
+        self._reading = False
+        spilled = self._spilled
+        for message_id, pos, body in rows:
+            if spilled and spilled[0][0] == message_id:
+                # Written a moment ago; the news has not reached us yet.
+                spilled.popleft()
+            else:
+                self._on_disk -= 1
+            self._take_in(message_id, pos, body)
+        if not self._on_disk:
+            # Older messages are all in: the spilled ones may follow.
+            self._take_spilled()
+        if self._starved and self._messages:
+            self._starved = False
+            # From the reactor, not from within the broker's call that may
+            # have run this read at once.
+            self._store._reactor.callLater(0, self._store._tell_arrived, self.name)
 
     def _take_in(self, message_id: int, pos: int, message: bytes) -> None:
         self._ids.append(message_id)
@@ -283,6 +314,9 @@ class SqliteStore:
         writer thread (:class:`WorkerThread`); tests pass a function that
         runs it at once (``defer.maybeDeferred``), to drive the store with a
         ``task.Clock``.
+    :param run_reads: how a read of messages from the disk is run: by
+        default in the store's one reader thread; at once when ``run_writes``
+        is given, unless this says otherwise.
     """
 
     log = Logger()
@@ -294,6 +328,7 @@ class SqliteStore:
         fsync: str = "always",
         reactor: Any = None,
         run_writes: Optional[Callable[..., Deferred[Any]]] = None,
+        run_reads: Optional[Callable[..., Deferred[Any]]] = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
@@ -321,6 +356,10 @@ class SqliteStore:
         self._id_mark = 1
         self._next_queue_id = 1
         self._writer: Optional[WorkerThread] = None
+        self._reader_thread: Optional[WorkerThread] = None
+        if run_reads is None and run_writes is not None:
+            run_reads = maybeDeferred
+        self._run_reads = run_reads
         self._run_writes = run_writes
         self._db: Optional[sqlite3.Connection] = None
         self._reader: Optional[sqlite3.Connection] = None
@@ -337,9 +376,9 @@ class SqliteStore:
             self._reactor = reactor
         self._db = self._open()
         try:
-            # Reads, in the reactor thread, of the messages that are on disk
-            # alone (SqliteQueue._refill); in WAL mode they never wait for
-            # the writer.
+            # Reads of the messages that are on disk alone (at start-up, then
+            # in the reader thread: SqliteQueue._refill); in WAL mode they
+            # never wait for the writer.
             self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as error:
             self._db.close()
@@ -407,7 +446,7 @@ class SqliteStore:
                 owner._front, owner._back, owner._tail_pos = first, last, first - 1
                 owner.num_bytes = size
                 owner._on_disk = count
-                owner._refill()
+                owner._read_done(self._read(queue_id, owner._tail_pos, WINDOW_MESSAGES, WINDOW_BYTES))
             (stored_next,) = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchall()[0]
             (highest,) = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchall()[0]
         except (sqlite3.Error, StoreError) as error:
@@ -426,27 +465,45 @@ class SqliteStore:
         rows: list[tuple[int, int, bytes]] = []
         size = 0
         assert self._reader is not None
+        cursor = self._reader.execute(
+            "SELECT id, pos, body FROM messages WHERE queue = ? AND pos > ? ORDER BY pos LIMIT ?",
+            (queue_id, after_pos, most),
+        )
         try:
-            cursor = self._reader.execute(
-                "SELECT id, pos, body FROM messages WHERE queue = ? AND pos > ? ORDER BY pos LIMIT ?",
-                (queue_id, after_pos, most),
-            )
-            try:
-                for row in cursor:
-                    size += len(row[2])
-                    if rows and size > most_bytes:
-                        break
-                    rows.append(row)
-            finally:
-                # Not left open: an open read holds its snapshot (PyPy closes
-                # it only when collected), hiding new rows and stalling the
-                # WAL's checkpoints.
-                cursor.close()
-        except sqlite3.Error as error:
-            # The messages stay on disk; the next read may do better.
-            self.log.error("cannot read messages from the database {path}: {error}",
-                           path=self.path, error=error)
+            for message_id, pos, body in cursor:
+                size += len(body)
+                if rows and size > most_bytes:
+                    break
+                rows.append((message_id, pos, bytes(body)))
+        finally:
+            # Not left open: an open read holds its snapshot (PyPy closes
+            # it only when collected), hiding new rows and stalling the
+            # WAL's checkpoints.
+            cursor.close()
         return rows
+
+    def _read_for(self, queue: SqliteQueue, most: int, most_bytes: int) -> None:
+        """Read the oldest messages of ``queue`` that are on disk alone, for its window."""
+        reading: Deferred[list[tuple[int, int, bytes]]]
+        if self._run_reads is not None:
+            reading = self._run_reads(self._read, queue.queue_id, queue._tail_pos, most, most_bytes)
+        elif self._reader_thread is not None:
+            reading = self._reader_thread.run(self._read, queue.queue_id, queue._tail_pos, most, most_bytes)
+        else:  # not started: at once
+            reading = maybeDeferred(self._read, queue.queue_id, queue._tail_pos, most, most_bytes)
+        reading.addCallbacks(queue._read_done, self._read_failed, errbackArgs=(queue,))
+
+    def _read_failed(self, reason: Failure, queue: SqliteQueue) -> None:
+        queue._reading = False
+        self.log.error("cannot read messages from the database {path}: {error}; trying again "
+                       "in {seconds:g} s", path=self.path, error=reason.value, seconds=RETRY_SECONDS)
+        # They stay on disk; a Get that found none at hand waits for them.
+        if self._stopping is None:
+            self._reactor.callLater(RETRY_SECONDS, self._read_again, queue)
+
+    def _read_again(self, queue: SqliteQueue) -> None:
+        if not queue._reading and queue._on_disk and self._queues_by_id.get(queue.queue_id) is queue:
+            queue._refill()
 
     def recovered(self) -> Iterable[SqliteQueue]:
         return list(self._queues.values())
@@ -643,6 +700,13 @@ class SqliteStore:
     #: Called with (queue name, message) for each message dropped because
     #: its Put was not written; the broker sets it to keep its counts.
     dropped: Optional[Callable[[bytes, bytes], object]] = None
+    #: Called with a queue's name when messages it had to read from the
+    #: disk, after a pop() found none at hand, are in; set by the broker.
+    arrived: Optional[Callable[[bytes], object]] = None
+
+    def _tell_arrived(self, name: bytes) -> None:
+        if self.arrived is not None and self._stopping is None:
+            self.arrived(name)
 
     def _run(self, function: Callable[..., None], *args: Any) -> Deferred[None]:
         if self._run_writes is not None:
@@ -679,6 +743,9 @@ class SqliteStore:
         if self._run_writes is None:
             self._writer = WorkerThread(self._reactor, "mqmq-sqlite-writer")
             self._writer.start()
+        if self._run_reads is None:
+            self._reader_thread = WorkerThread(self._reactor, "mqmq-sqlite-reader")
+            self._reader_thread.start()
         if self.fsync == "everysec":
             self._syncer = task.LoopingCall(self._sync)
             self._syncer.clock = self._reactor
@@ -709,8 +776,9 @@ class SqliteStore:
             self.log.error("stopping with changes the database {path} did not take "
                            "(removals of delivered messages, put-backs): {error}",
                            path=self.path, error=self.failure)
-        if self._writer is not None:
-            self._writer.stop()
+        for worker in (self._writer, self._reader_thread):
+            if worker is not None:
+                worker.stop()
         for db in (self._db, self._reader):
             if db is not None:
                 try:
