@@ -173,6 +173,26 @@ def test_a_held_message_goes_back_to_the_front_when_its_consumer_leaves(tmp_path
     assert server.queue_contents() == {b"q": [b"first", b"second"]}
 
 
+def test_a_held_message_goes_back_when_its_unread_consumer_has_gone_by_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mqmq.server import protocol as server_module
+
+    server = Server(store=sqlite_store(tmp_path / "q.db"))
+    producer, consumer = server.connect(), server.connect()
+    producer.send([b"Put", b"q", b"m"])
+    server.clock.advance(0)
+    consumer.send([b"Get", b"q"])  # its reply waits for the removal's write
+    consumer.protocol.pauseProducing()  # its socket's buffer is full: not read from
+    assert not consumer.reading
+    # Meanwhile its peer leaves, which only the kernel knows.
+    monkeypatch.setattr(server_module, "peer_has_gone", lambda transport: transport is consumer.transport)
+    server.clock.advance(0)
+    assert consumer.transport.value() == b"" and consumer.closed
+    consumer.lose()
+    assert server.queue_contents() == {b"q": [b"m"]}
+
+
 def test_forgotten_empty_queues_leave_the_database(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     clock, broker = started(path, limits=Limits(max_queues=1))

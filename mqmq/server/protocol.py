@@ -86,6 +86,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # in order: (batch, kind, value, value); None when none wait.
         self._held: Optional[deque[tuple[Batch, int, Any, Any]]] = None
         self._held_batch: Optional[Batch] = None
+        # Aborted (the peer is gone, or must be cut off) or lost: the held
+        # replies are never sent, and their messages go back (connectionLost).
         self._lost = False
 
     @property
@@ -254,6 +256,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def _abort(self, why: str) -> None:
         self.log.info("closing {peer}: {why}", peer=self._peer, why=why)
         self._closing = True
+        self._lost = True
         self.transport.abortConnection()
 
     def _parse_buffered(self) -> None:
@@ -411,10 +414,18 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         if held is None or self._lost:
             return
         out = self._out
+        checked = False
         out.begin_batch()
         try:
             while held and held[0][0].done:
                 batch, kind, first, second = held[0]
+                if kind == _HELD_MESSAGE and not checked:
+                    checked = True
+                    if self._departed_unread():
+                        # As a waiting Get's consumer that has gone: it takes
+                        # nothing; its messages go back (connectionLost).
+                        self._abort("the peer went away while its message waited for the store")
+                        return
                 refused = kind == _HELD_PUT and batch.refused(first)
                 if batch.retry is not None and kind == _HELD_PUT and not refused:
                     # Its write failed, but its message had been taken: it
