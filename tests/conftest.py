@@ -55,6 +55,9 @@ def both_stores(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Runs a module's fake-transport servers (``wire.Server``) on each store:
     ``pytestmark = pytest.mark.usefixtures("both_stores")``."""
     if request.param == "sqlite":
+        memory_only = request.node.get_closest_marker("memory_only")
+        if memory_only is not None:
+            pytest.skip(f"on the memory store only: {memory_only.args[0]}")
         monkeypatch.setenv("MQMQ_TEST_STORE", "sqlite")
     else:
         monkeypatch.delenv("MQMQ_TEST_STORE", raising=False)

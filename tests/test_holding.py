@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
+import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer, reactor
 
@@ -20,6 +21,9 @@ from mqmq.server.service import MQService
 from test_faults import Server, allow_open_files, frame, read_frame, spawn
 from conftest import bin_path
 from wire import Server as FakeServer
+
+# Every fake-transport server here runs on each store (conftest.both_stores).
+pytestmark = pytest.mark.usefixtures("both_stores")
 
 __all__ = ["spawn"]  # a fixture the tests here use
 

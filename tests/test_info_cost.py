@@ -22,6 +22,9 @@ from mqmq.broker.limits import MAX_INFO_BYTES, Limits
 from test_faults import Harness, RawClient, frame, logged_errors, pause, until
 from wire import Server
 
+# Every fake-transport server here runs on each store (conftest.both_stores).
+pytestmark = pytest.mark.usefixtures("both_stores")
+
 __all__ = ["logged_errors"]  # a fixture the tests here use
 
 INFO_TOO_LARGE = [b"Error", b"SERVER_INFO_TOO_LARGE"]

@@ -49,17 +49,35 @@ class Server:
         write_before_reading: bool = False,
     ) -> None:
         self.clock = task.Clock()
+        #: The clock that runs the store's writes: the broker's, but for
+        #: MQMQ_TEST_STORE=sqlite.
+        self.store_clock = self.clock
         if store is None and os.environ.get("MQMQ_TEST_STORE") == "sqlite":
-            # Every fake-transport test on the SQLite store (in a fresh file).
+            # Every fake-transport test on the SQLite store (in a fresh file),
+            # its writes on a clock of their own: run before each read of
+            # replies, they leave the broker's timers alone (tests count them).
             store = sqlite_store(os.path.join(tempfile.mkdtemp(prefix="mqmq-wire-"), "queues.db"))
+            self.store_clock = task.Clock()
             write_before_reading = True
-        self.broker = Broker(self.clock, limits, None if store is None else store(self.clock))
+        self.broker = Broker(self.clock, limits, None if store is None else store(self.store_clock))
         # A durable store holds replies until its write, which the clock runs.
         self._write_before_reading = store is not None and write_before_reading
         if store is not None:
             self.broker.startService()
         self.factory = MQServerFactory(self.broker)
         self._port = 40000
+
+    def settle(self) -> None:
+        """Run what is due now on the broker's clock and the store's, until
+        nothing is: every turn the reactor would take at once."""
+        clocks = [self.clock] if self.store_clock is self.clock else [self.clock, self.store_clock]
+        while True:
+            due = [clock for clock in clocks
+                   if any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls())]
+            if not due:
+                return
+            for clock in due:
+                clock.advance(0)
 
     def build(self) -> Optional[MQServerProtocol]:
         """A protocol for a new connection, or None if the factory refuses it."""
@@ -73,7 +91,8 @@ class Server:
         if transport is None:
             transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self._port))
         protocol.makeConnection(transport)
-        return Connection(protocol, transport, self.clock if self._write_before_reading else None)
+        return Connection(protocol, transport, self.store_clock if self._write_before_reading else None,
+                          own_writes_clock=self.store_clock is not self.clock)
 
     def queue_contents(self) -> dict[bytes, list[bytes]]:
         """Every queue and its messages, read (and put back) through the broker."""
@@ -92,13 +111,16 @@ class Connection:
     """A server protocol with helpers to send frames and read its replies."""
 
     def __init__(
-        self, protocol: MQServerProtocol, transport: StringTransport, clock: Optional[task.Clock] = None
+        self, protocol: MQServerProtocol, transport: StringTransport, clock: Optional[task.Clock] = None,
+        own_writes_clock: bool = False,
     ) -> None:
         self.protocol = protocol
         self.transport = transport
         self._read = 0
-        # With a durable store: the clock that runs its writes, before replies are read.
+        # With a durable store: the clock that runs its writes, before replies
+        # are read; a clock for the writes alone is run until nothing is due.
         self._writes_clock = clock
+        self._own_writes_clock = own_writes_clock
 
     def send(self, *frames: Sequence[bytes]) -> None:
         """Send frames in a single segment."""
@@ -109,8 +131,14 @@ class Connection:
 
     def raw(self) -> bytes:
         """Everything written since the last ``raw``/``replies`` call."""
-        if self._writes_clock is not None:
-            self._writes_clock.advance(0)
+        clock = self._writes_clock
+        if clock is not None:
+            clock.advance(0)
+            if self._own_writes_clock:
+                # A write's replies may let held requests go on to changes of
+                # their own: written too, until nothing is due.
+                while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+                    clock.advance(0)
         data = self.transport.value()[self._read :]
         self._read += len(data)
         return data

@@ -46,6 +46,13 @@ INFO_STALL_SECONDS = 60.0
 #: Seconds between checks that a peer we have stopped reading from is still there.
 LIVENESS_INTERVAL = 1.0
 
+#: Bytes of messages a connection may have taken while their replies wait
+#: for the store; past it, its requests wait too (as they do while its
+#: transport's buffer, of as many bytes, is full).  Without it one segment
+#: of pipelined Gets could take a message each, however large, before any
+#: reply was written.
+MAX_HELD_MESSAGE_BYTES = 64 * 1024
+
 
 class MQServerProtocol(FrameReceiver, TimeoutMixin):
     """One client connection.
@@ -86,6 +93,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # in order: (batch, kind, value, value); None when none wait.
         self._held: Optional[deque[tuple[Batch, int, Any, Any]]] = None
         self._held_batch: Optional[Batch] = None
+        # Bytes of the messages among them, and whether that is past
+        # MAX_HELD_MESSAGE_BYTES (then requests wait).
+        self._held_message_bytes = 0
+        self._held_full = False
         # Aborted (the peer is gone, or must be cut off) or lost: the held
         # replies are never sent, and their messages go back (connectionLost).
         self._lost = False
@@ -183,12 +194,12 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     @property
     def holding(self) -> bool:
         # Asked after every request: kept to plain attributes.
-        return self._closing or self.paused or self._waiting is not None or self._info_busy
+        return self._closing or self.paused or self._waiting is not None or self._info_busy or self._held_full
 
     @property
     def _answering(self) -> bool:
         """True while a request waits for its answer, holding up those behind it."""
-        return self._waiting is not None or self._info_busy
+        return self._waiting is not None or self._info_busy or self._held_full
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -404,6 +415,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             assert held, "a reply held for no batch and behind none"
             batch = held[-1][0]
         held.append((batch, kind, first, second))
+        if kind == _HELD_MESSAGE:
+            self._held_message_bytes += len(second)
+            if self._held_message_bytes > MAX_HELD_MESSAGE_BYTES:
+                self._held_full = True
         if batch is not self._held_batch:
             self._held_batch = batch
             batch.when_done(self._release)
@@ -437,6 +452,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                     break
                 held.popleft()
                 if kind == _HELD_MESSAGE:
+                    self._held_message_bytes -= len(second)
                     self._write_message(first, second)
                 elif refused:
                     self.log.info("refused a Put from {peer}: the store could not write it",
@@ -453,6 +469,11 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._held_batch = None
             if self._closing:
                 self._close()
+        if self._held_full and self._held_message_bytes <= MAX_HELD_MESSAGE_BYTES:
+            self._held_full = False
+            self._update_reading()
+            if self.buffered_bytes and not self.holding and not self._parsing:
+                self.broker.clock.callLater(0, self._parse_buffered)
 
     def _wait_for_retry(self, failed: Batch) -> None:
         """Hold the replies held for a batch whose write failed for the batch
