@@ -51,7 +51,9 @@ STARTED = re.compile(r"starting server: 127\.0\.0\.1:(\d+)")
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def both_stores(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def both_stores(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     """Runs a module's fake-transport servers (``wire.Server``) on each store:
     ``pytestmark = pytest.mark.usefixtures("both_stores")``."""
     if request.param == "sqlite":
@@ -59,6 +61,8 @@ def both_stores(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         if memory_only is not None:
             pytest.skip(f"on the memory store only: {memory_only.args[0]}")
         monkeypatch.setenv("MQMQ_TEST_STORE", "sqlite")
+        # Each server's database in a directory of its own under pytest's.
+        monkeypatch.setenv("MQMQ_TEST_STORE_DIR", str(tmp_path_factory.mktemp("stores")))
     else:
         monkeypatch.delenv("MQMQ_TEST_STORE", raising=False)
     return str(request.param)

@@ -422,9 +422,11 @@ def script_replies(chunks: list[bytes]) -> list[Frame]:
     for chunk in chunks:
         conn.send_raw(chunk)
     assert not conn.closed
+    server.settle()
     return conn.replies()
 
 
+@pytest.mark.usefixtures("both_stores")
 def test_frames_split_at_every_byte_boundary() -> None:
     data = b"".join(encode_frame(f) for f in SCRIPT)
     expected = script_replies([data])
@@ -514,6 +516,7 @@ hostile_streams = st.lists(st.one_of(valid_frames, st.binary(max_size=24)), max_
 )
 
 
+# On the SQLite store: test_hostile_input's test_hostile_clients_never_break_the_server_on_the_sqlite_store.
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=hostile_streams, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
        advance=st.sampled_from([0, 0.001, 0.01]))

@@ -56,7 +56,8 @@ class Server:
             # Every fake-transport test on the SQLite store (in a fresh file),
             # its writes on a clock of their own: run before each read of
             # replies, they leave the broker's timers alone (tests count them).
-            store = sqlite_store(os.path.join(tempfile.mkdtemp(prefix="mqmq-wire-"), "queues.db"))
+            directory = tempfile.mkdtemp(prefix="mqmq-wire-", dir=os.environ.get("MQMQ_TEST_STORE_DIR"))
+            store = sqlite_store(os.path.join(directory, "queues.db"))
             self.store_clock = task.Clock()
             write_before_reading = True
         self.broker = Broker(self.clock, limits, None if store is None else store(self.store_clock))
