@@ -13,6 +13,7 @@ Figures are never compared with anything.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,3 +90,22 @@ def test_a_quick_run_is_clean_and_every_figure_positive(tools: dict[str, str], t
     assert "msg/s delivered, sqlite always" in printed
     assert "s to first Info" in printed
     assert "µs per Put+Get, sqlite always" in printed
+
+
+def test_the_commit_path_tool_accounts_for_what_a_durable_store_adds(tools: dict[str, str]) -> None:
+    # benchmarks/commit_path.py runs a server in its own process (its own
+    # reactor): run it as a user would, on a few pairs.
+    import os
+    import subprocess
+
+    environment = dict(os.environ, MQMQ_BENCH_BUILD_DIR=str(Path(tools["loadgen"]).parent))
+    done = subprocess.run([sys.executable, str(Path(durable.HERE) / "commit_path.py"), "--pairs", "200",
+                           "--warmup-pairs", "20"], capture_output=True, text=True, timeout=300,
+                          env=environment)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    figures = {match.group(1) for line in lines if (match := re.match(r" {4}(\S.*?) {2,}[\d.]+", line))}
+    assert figures == {"gathering (change to hand-over)", "to the writer thread",
+                            "the transaction, sync included", "back to the reactor thread", "sum"}
+    assert any("µs per Put+Get, SQLite" in line for line in lines)
+    assert any(re.search(r"\(two commits: [\d.]+; [1-9][\d,]* commits timed\)", line) for line in lines), lines

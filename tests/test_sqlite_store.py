@@ -507,6 +507,42 @@ def test_an_empty_batch_still_waits_for_the_write_before_it(tmp_path: Path) -> N
     assert consumer.replies() == [[b"OK", b"handed"]]
 
 
+def test_a_hand_over_does_not_wait_for_a_write_it_has_nothing_in(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    writes: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def later(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        writes.append((function, args, done))
+        return done
+
+    def write_all() -> None:
+        while writes:
+            function, args, done = writes.pop(0)
+            done.callback(function(*args))
+
+    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=later))
+    slow, producer, consumer = server.connect(), server.connect(), server.connect()
+    consumer.send([b"Get", b"q", b"1000"])
+    slow.send([b"Put", b"a", b"first"])
+    server.clock.advance(0)
+    write_all()
+    assert slow.replies() == [OK]
+    slow.send([b"Put", b"a", b"stored"])
+    server.clock.advance(0)
+    assert len(writes) == 1  # its write is in flight
+    producer.send([b"Put", b"q", b"handed"])
+    server.clock.advance(0)
+    # The hand-over wrote nothing: its replies go without waiting for the
+    # write in flight; the Put in that write still waits for it.
+    assert producer.replies() == [OK]
+    assert consumer.replies() == [[b"OK", b"handed"]]
+    assert slow.replies() == []
+    write_all()
+    assert slow.replies() == [OK]
+    assert writes == []
+
+
 def test_a_new_database_is_for_its_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     clock, broker = started(path)

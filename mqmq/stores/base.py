@@ -88,9 +88,10 @@ class Store(Protocol):
 class Batch:
     """Changes that go to disk in one transaction, and who waits for them.
 
-    Batches are written one at a time, in the order they were opened, so a
-    reply held for one batch is never sent before a reply held for an
-    earlier one.
+    Batches are written one at a time, in the order they were opened; one
+    with nothing to write may be done before earlier ones.  Whoever holds
+    replies for batches keeps each client's replies in the order of its
+    requests (a reply waits behind the ones held before it).
     """
 
     __slots__ = ("_listeners", "done", "_refused", "retry")

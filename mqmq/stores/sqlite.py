@@ -36,7 +36,8 @@ import os
 import sqlite3
 from collections import deque
 from itertools import chain
-from typing import Any, Callable, Iterable, Optional, cast
+from time import perf_counter
+from typing import Any, Callable, Iterable, NamedTuple, Optional, cast
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -281,14 +282,36 @@ class SqliteQueue:
         return None
 
 
+class CommitTimes(NamedTuple):
+    """Where the time of one written batch went, in seconds (``time.perf_counter``).
+
+    ``gathering``: from the first change to the batch's hand-over to the
+    writer thread (the rest of the reactor's turn, or the previous write);
+    ``to_thread``: until the writer thread began it; ``committing``: the
+    transaction, sync included; ``back``: until the reactor thread had the
+    news and the replies could go.
+    """
+
+    gathering: float
+    to_thread: float
+    committing: float
+    back: float
+    #: Rows written (messages added and removed, queues made and dropped).
+    rows: int
+
+
 class _Write:
     """One batch's changes, as handed to the writer thread."""
 
     __slots__ = ("batch", "new_queues", "inserts", "fresh", "deletes", "dropped_queues", "next_id",
-                 "spilled")
+                 "spilled", "opened", "handed", "began", "ended")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
+        # When (time.perf_counter) it was opened, handed to the writer
+        # thread, and its transaction began and ended there: CommitTimes.
+        self.opened = perf_counter()
+        self.handed = self.began = self.ended = 0.0
         self.new_queues: list[tuple[int, bytes]] = []
         # Message id -> row; a message taken in the batch that added it
         # never reaches the disk.
@@ -344,6 +367,9 @@ class SqliteStore:
         #: Transactions written, and the changes (rows) they held, since start.
         self.commits = 0
         self.rows_written = 0
+        #: Called with each written batch's CommitTimes, if set (once per
+        #: commit, never per message): for metrics and benchmarks.
+        self.commit_observer: Optional[Callable[[CommitTimes], object]] = None
         self._scheduled = False
         self._retry: Any = None
         self._syncer: Optional[task.LoopingCall] = None
@@ -541,7 +567,9 @@ class SqliteStore:
         if write is None:
             self.pending = batch = Batch()
             write = self._write = _Write(batch)
-            if not self._writing and not self._scheduled and self.failure is None:
+            if not self._scheduled and self.failure is None:
+                # (Also while a write runs: a batch with nothing to write
+                # is done at the end of the turn, without waiting for it.)
                 self._scheduled = True
                 self._reactor.callLater(0, self._write_pending)
         return write
@@ -564,9 +592,24 @@ class SqliteStore:
 
     def _write_pending(self) -> None:
         self._scheduled = False
+        write = self._write
+        if write is not None and self.failure is None and not (
+            write.inserts or write.deletes or write.new_queues or write.dropped_queues or write.spilled
+        ):
+            # Nothing to write: every message it added was taken in the
+            # same batch (handed to a waiting Get).  Its replies may go now,
+            # without a trip to the writer thread for an empty transaction,
+            # and without waiting for a write in progress: they depend on
+            # nothing in it (a connection's replies keep their order anyway,
+            # each waiting behind the ones before it).
+            self._write = None
+            self.pending = None
+            write.batch.finish()
+            if not self._writing:
+                self._after_write()
+            return
         if self._writing:
             return
-        write = self._write
         if write is None:
             if self.failure is None:
                 return
@@ -575,15 +618,6 @@ class SqliteStore:
             write = self._open_write()
         self._write = None
         self.pending = None
-        if self.failure is None and not (write.inserts or write.deletes or write.new_queues
-                                         or write.dropped_queues or write.spilled):
-            # Nothing to write: every message it added was taken in the
-            # same batch (handed to a waiting Get).  Every earlier batch is
-            # written, so its replies may go now, without a trip to the
-            # writer thread for an empty transaction.
-            write.batch.finish()
-            self._after_write()
-            return
         if self._next_id > self._id_mark or self.failure is not None:
             # The ids handed out stay below what the database says is next,
             # written once per ID_BLOCK ids rather than with every commit.
@@ -591,6 +625,7 @@ class SqliteStore:
             # would not show whether the disk is back.)
             write.next_id = self._next_id + ID_BLOCK
         self._writing = True
+        write.handed = perf_counter()
         writing = self._run(self._commit, write)
         writing.addCallbacks(self._written, self._write_failed, callbackArgs=(write,), errbackArgs=(write,))
 
@@ -599,6 +634,7 @@ class SqliteStore:
         # once the store has started.
         db = self._db
         assert db is not None
+        write.began = perf_counter()
         try:
             db.execute("BEGIN IMMEDIATE")
             # Forgotten queues first: a name forgotten and made again in one
@@ -616,6 +652,7 @@ class SqliteStore:
             if write.next_id:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (write.next_id,))
             db.execute("COMMIT")
+            write.ended = perf_counter()
         except BaseException:
             if db.in_transaction:
                 try:
@@ -625,13 +662,17 @@ class SqliteStore:
             raise
 
     def _written(self, _: object, write: _Write) -> None:
+        answered = perf_counter()
         self._writing = False
         self._unsynced = True
         self.commits += 1
         if write.next_id:
             self._id_mark = write.next_id
-        self.rows_written += (len(write.new_queues) + len(write.inserts) + len(write.deletes)
-                              + len(write.dropped_queues))
+        rows = len(write.new_queues) + len(write.inserts) + len(write.deletes) + len(write.dropped_queues)
+        self.rows_written += rows
+        if self.commit_observer is not None:
+            self.commit_observer(CommitTimes(write.handed - write.opened, write.began - write.handed,
+                                             write.ended - write.began, answered - write.ended, rows))
         if self.failure is not None:
             self.log.info("the database {path} takes writes again", path=self.path)
             self.failure = None
