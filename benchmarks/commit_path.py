@@ -12,6 +12,8 @@ writer thread, the transaction with its sync, and the trip back.
 Each pair waits for two commits, so what ``--fsync always`` adds to the
 memory store's pair should be about twice the sum of the four; the report
 shows both, and how much of it is the hand-overs rather than the disk.
+Beside them, a no-op call's round trip to a thread and back, through the
+store's ``WorkerThread`` and through Twisted's ``deferToThreadPool``.
 
     python benchmarks/commit_path.py [--pairs 5000] [--fsync always]
 """
@@ -31,6 +33,8 @@ from types import ModuleType
 from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: No-op round trips timed per way of reaching a thread (the first tenth untimed).
+HOP_SAMPLES = 2500
 sys.path.insert(0, os.path.dirname(HERE))  # this checkout's mqmq
 
 
@@ -56,11 +60,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from mqmq.server.reactor import install
 
     reactor = install()
-    from twisted.internet import defer, utils
+    from twisted.internet import defer, threads, utils
+    from twisted.python.threadpool import ThreadPool
 
     from mqmq.broker.limits import Limits
     from mqmq.server.service import MQService
     from mqmq.stores.sqlite import CommitTimes, SqliteStore
+    from mqmq.stores.worker import WorkerThread
 
     bench = _load_bench()
     loadgen = bench.build_tools()["loadgen"]
@@ -83,8 +89,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         await service.stopService()
         results[label] = result["elapsed_s"] * 1e6 / options.pairs
 
+    hops: dict[str, float] = {}
+
+    async def round_trips(label: str, run: Any) -> None:
+        # A no-op call to another thread and its answer in the reactor thread.
+        samples = []
+        for _ in range(HOP_SAMPLES):
+            began = time.perf_counter()
+            await run(lambda: None)
+            samples.append(time.perf_counter() - began)
+        hops[label] = statistics.median(samples[HOP_SAMPLES // 10:]) * 1e6
+
     async def run_all() -> None:
         try:
+            worker = WorkerThread(reactor, "commit-path-hops")
+            worker.start()
+            pool = ThreadPool(1, 1, "commit-path-hops")
+            pool.start()
+            try:
+                await round_trips("WorkerThread (the store's)", worker.run)
+                await round_trips("deferToThreadPool (Twisted's)",
+                                  lambda call: threads.deferToThreadPool(reactor, pool, call))
+            finally:
+                worker.stop()
+                pool.stop()
             await run_one("memory", None)
             store = SqliteStore(os.path.join(directory, "queues.db"), options.fsync, reactor)
             store.commit_observer = commits.append
@@ -131,6 +159,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"    {'sum':36s}{per_commit:9.1f}")
     print(f"  of each commit, the two hand-overs between threads take {hand_overs:.1f} µs and the "
           f"transaction {us(fields['the transaction, sync included']):.1f}")
+    print("  a no-op call's round trip to a thread and back, median (µs):")
+    for name, value in hops.items():
+        print(f"    {name:36s}{value:9.1f}")
     return 0
 
 

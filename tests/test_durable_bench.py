@@ -106,6 +106,7 @@ def test_the_commit_path_tool_accounts_for_what_a_durable_store_adds(tools: dict
     lines = done.stdout.splitlines()
     figures = {match.group(1) for line in lines if (match := re.match(r" {4}(\S.*?) {2,}[\d.]+", line))}
     assert figures == {"gathering (change to hand-over)", "to the writer thread",
-                            "the transaction, sync included", "back to the reactor thread", "sum"}
+                       "the transaction, sync included", "back to the reactor thread", "sum",
+                       "WorkerThread (the store's)", "deferToThreadPool (Twisted's)"}
     assert any("µs per Put+Get, SQLite" in line for line in lines)
     assert any(re.search(r"\(two commits: [\d.]+; [1-9][\d,]* commits timed\)", line) for line in lines), lines
