@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, task
 
+from mqmq.broker import broker as broker_module
 from mqmq.broker.broker import Broker
-from mqmq.errors import GetTimeout, StoreError
+from mqmq.errors import STORAGE_FULL, GetTimeout, RequestError, StoreError
 from mqmq.stores import sqlite
 from mqmq.broker.limits import Limits
 from mqmq.stores.sqlite import SCHEMA_VERSION, SqliteQueue, SqliteStore
@@ -478,33 +479,77 @@ def test_a_put_handed_to_a_waiter_is_answered_with_the_delivery(tmp_path: Path) 
     assert store.commits == commits
 
 
-def test_an_empty_batch_still_waits_for_the_write_before_it(tmp_path: Path) -> None:
-    path = tmp_path / "q.db"
-    writes: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+class HeldWrites:
+    """Writes that run only when told (``finish``), as a slow disk's would;
+    the next ``failures`` of them fail as a full disk does."""
 
-    def later(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+        self.failures = 0
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         done: defer.Deferred[Any] = defer.Deferred()
-        writes.append((function, args, done))
+        self.calls.append((function, args, done))
         return done
 
-    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=later))
-    first, producer, consumer = server.connect(), server.connect(), server.connect()
-    first.send([b"Put", b"a", b"stored"])
+    def finish(self) -> int:
+        """Run (or fail) every write asked for so far; how many."""
+        calls, self.calls = self.calls, []
+        for function, args, done in calls:
+            if self.failures:
+                self.failures -= 1
+                done.errback(sqlite3.OperationalError("database or disk is full"))
+            else:
+                done.callback(function(*args))
+        return len(calls)
+
+
+def test_a_hand_over_keeps_its_consumers_replies_in_order(tmp_path: Path) -> None:
+    writes = HeldWrites()
+    server = Server(store=lambda clock: SqliteStore(str(tmp_path / "q.db"), "always", clock, run_writes=writes))
+    producer, consumer = server.connect(), server.connect()
+    consumer.send([b"Get", b"q", b"1"])  # makes the queue
+    server.clock.advance(0.001)
+    writes.finish()
+    assert consumer.replies() == [[b"Timeout"]]
+    # The consumer's own Put is in a write in flight; then its Get waits.
+    consumer.send([b"Put", b"a", b"mine"], [b"Get", b"q", b"1000"])
     server.clock.advance(0)
-    assert len(writes) == 1  # in flight
-    consumer.send([b"Get", b"q", b"1000"])
-    server.clock.advance(0)
+    assert len(writes.calls) == 1
     producer.send([b"Put", b"q", b"handed"])
     server.clock.advance(0)
-    assert first.replies() == [] and producer.replies() == [] and consumer.replies() == []
-    function, args, done = writes.pop(0)
-    done.callback(function(*args))
-    # The queues' rows, then the hand-over's batch, which writes nothing.
-    function, args, done = writes.pop(0)
-    done.callback(function(*args))
-    assert writes == []
-    assert first.replies() == [OK] and producer.replies() == [OK]
-    assert consumer.replies() == [[b"OK", b"handed"]]
+    # The hand-over wrote nothing: its Put is answered; the delivery waits
+    # behind the consumer's own OK, still held for the write in flight.
+    assert producer.replies() == [OK]
+    assert consumer.replies() == []
+    writes.finish()
+    assert consumer.replies() == [OK, [b"OK", b"handed"]]
+
+
+def test_a_failed_write_is_tried_again_after_the_retry_delay_only(tmp_path: Path) -> None:
+    writes = HeldWrites()
+    server = Server(store=lambda clock: SqliteStore(str(tmp_path / "q.db"), "always", clock, run_writes=writes))
+    store = server.broker.store
+    first, second = server.connect(), server.connect()
+    first.send([b"Put", b"a", b"1"])
+    server.clock.advance(0)
+    assert len(writes.calls) == 1
+    second.send([b"Put", b"b", b"2"])  # the next batch: due at the end of the turn
+    writes.failures = 1
+    writes.finish()  # the write fails before that
+    server.clock.advance(0)
+    assert writes.calls == []  # not at once: after the retry delay
+    assert first.replies() == [[b"Error", b"SERVER_STORAGE_ERROR"]]
+    writes.failures = 1
+    server.clock.advance(sqlite.RETRY_SECONDS)
+    assert writes.finish() == 1  # tried again, and failed again
+    pending = [call for call in server.clock.getDelayedCalls() if call.func == store._write_pending]
+    assert len(pending) == 1  # one retry timer, not two
+    server.clock.advance(sqlite.RETRY_SECONDS)
+    assert writes.finish() == 1
+    assert store.failure is None
+    stopping = store.stop()
+    assert stopping.called and server.clock.getDelayedCalls() == []
 
 
 def test_a_hand_over_does_not_wait_for_a_write_it_has_nothing_in(tmp_path: Path) -> None:
@@ -577,11 +622,11 @@ class HeldReads:
         return len(calls)
 
 
-def with_held_reads(path: Path) -> tuple[task.Clock, Broker, HeldReads]:
+def with_held_reads(path: Path, limits: Limits = Limits()) -> tuple[task.Clock, Broker, HeldReads]:
     reads = HeldReads()
     clock = task.Clock()
     store = SqliteStore(str(path), "always", clock, run_writes=defer.maybeDeferred, run_reads=reads)
-    broker = Broker(clock, Limits(), store)
+    broker = Broker(clock, limits, store)
     broker.startService()
     return clock, broker, reads
 
@@ -659,17 +704,35 @@ def test_a_failed_read_is_tried_again_and_loses_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("small_window")
-def test_a_get_that_times_out_waiting_for_a_read_takes_nothing(tmp_path: Path) -> None:
+def test_a_get_whose_timeout_ends_while_its_queue_is_read_waits_for_the_read(tmp_path: Path) -> None:
+    sent = filled(tmp_path / "q.db", 20)
+    clock, broker, reads = with_held_reads(tmp_path / "q.db")
+    taken = [broker.take(b"q") for _ in range(8)]
+    waiting = broker.get(b"q", 0.001)  # the original client's default timeout
+    clock.advance(0.001)
+    assert not waiting.called  # the queue is not empty: no Timeout for it
+    reads.finish()
+    clock.advance(0)
+    assert waiting.result == sent[8]
+    stop(clock, broker)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_a_get_that_times_out_while_reads_fail_takes_nothing(tmp_path: Path) -> None:
     sent = filled(tmp_path / "q.db", 20)
     clock, broker, reads = with_held_reads(tmp_path / "q.db")
     taken = [broker.take(b"q") for _ in range(8)]
     waiting = broker.get(b"q", 1)
     failures: list[Any] = []
     waiting.addErrback(failures.append)
-    clock.advance(1)
+    reads.failing = True
+    for _ in range(int(1 + broker_module.FETCH_GRACE_SECONDS)):
+        reads.finish()
+        clock.advance(1)
     assert failures and failures[0].check(GetTimeout)
+    reads.failing = False
     reads.finish()
-    clock.advance(0)
+    clock.advance(sqlite.RETRY_SECONDS)
     while (message := broker.take(b"q")) is not None or reads.finish():
         if message is not None:
             taken.append(message)
@@ -741,3 +804,38 @@ def test_with_reads_that_answer_late_every_get_is_served_in_order_and_nothing_is
             if not deferred.called:
                 deferred.cancel()
     stop(clock, broker)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_limits_hold_for_puts_made_while_gets_wait_for_a_read(tmp_path: Path) -> None:
+    filled(tmp_path / "q.db", 20)
+    clock, broker, reads = with_held_reads(tmp_path / "q.db", Limits(max_queued_messages=15))
+    for _ in range(8):
+        broker.take(b"q")
+    waiting = broker.get(b"q", 10)
+    assert not waiting.called and broker.num_messages == 12
+    for _ in range(3):
+        broker.put(b"q", b"more")
+    with pytest.raises(RequestError) as refused:
+        broker.put(b"q", b"one too many")
+    assert refused.value.error_type == STORAGE_FULL
+    assert broker.num_messages == 15
+    reads.finish()
+    clock.advance(0)
+    assert waiting.called
+    stop(clock, broker)
+
+
+@pytest.mark.usefixtures("small_window")
+def test_a_read_tried_again_after_a_failure_is_called_off_by_a_stop(tmp_path: Path) -> None:
+    filled(tmp_path / "q.db", 20)
+    clock, broker, reads = with_held_reads(tmp_path / "q.db")
+    for _ in range(8):
+        broker.take(b"q")
+    reads.failing = True
+    assert reads.finish() == 1  # failed: tried again in a second
+    assert clock.getDelayedCalls()
+    stop(clock, broker)
+    assert clock.getDelayedCalls() == []
+    clock.advance(sqlite.RETRY_SECONDS)
+    assert reads.calls == []

@@ -36,6 +36,10 @@ from mqmq.stores.memory import MemoryStore
 #: ASCII names cost about 1 us an entry, accented or invalid UTF-8 ones up to
 #: 10 us an entry and 45 us a KiB, so a slice takes a few milliseconds at most.
 INFO_SLICE_QUEUES = 500
+#: A ``get`` whose timeout ends while its queue holds messages that the
+#: store has not yet fetched (from the disk) waits up to this much longer
+#: for them rather than answer ``Timeout`` on a queue that is not empty.
+FETCH_GRACE_SECONDS = 5.0
 INFO_SLICE_BYTES = 64 * 1024
 
 # The shortest possible Info: no queue, every count a single digit.
@@ -84,7 +88,7 @@ class Waiter:
     :class:`ConsumerGone`, and the message goes to the next one.
     """
 
-    __slots__ = ("broker", "queue", "deferred", "timer", "present")
+    __slots__ = ("broker", "queue", "deferred", "timer", "present", "extended")
 
     def __init__(
         self, broker: Broker, queue: QueueState, present: Optional[Callable[[], bool]]
@@ -94,6 +98,8 @@ class Waiter:
         self.present = present
         self.deferred: defer.Deferred[bytes] = defer.Deferred(self._cancel)
         self.timer: Optional[IDelayedCall] = None
+        # Whether its timeout was put off once while the store fetched.
+        self.extended = False
 
     def _cancel(self, _deferred: defer.Deferred[bytes]) -> None:
         # The consumer went away: it must never take a message.
@@ -102,6 +108,12 @@ class Waiter:
             self.timer.cancel()
 
     def _time_out(self, timeout: float) -> None:
+        if self.queue.messages and not self.extended:
+            # The queue is not empty: its store is fetching messages (from a
+            # disk), which go to the waiters as soon as they are in.
+            self.extended = True
+            self.timer = self.broker.clock.callLater(FETCH_GRACE_SECONDS, self._time_out, timeout)
+            return
         self.broker._withdraw(self)
         self.deferred.errback(
             GetTimeout(f"no message on queue {queue_name_text(self.queue.name)!r} "
@@ -273,8 +285,10 @@ class Broker(service.Service):
             _check_name(queue_name)
             raise TypeError(f"messages are bytes, not {type(message).__name__}")
         existing = self._queues.get(queue_name)
-        if existing is None or not existing.waiters:
+        if existing is None or not existing.waiters or existing.messages:
             # Before creating the queue: a refused Put leaves nothing behind.
+            # (Waiters and messages at once: the store is fetching those, and
+            # this one will be stored behind them, so it must fit.)
             self._check_room(message)
         elif self.store.failure is not None:
             raise errors.RequestError(errors.STORAGE_ERROR, self.store.failure)

@@ -370,8 +370,11 @@ class SqliteStore:
         #: Called with each written batch's CommitTimes, if set (once per
         #: commit, never per message): for metrics and benchmarks.
         self.commit_observer: Optional[Callable[[CommitTimes], object]] = None
-        self._scheduled = False
+        # The call of _write_pending due at the end of this turn, if any.
+        self._scheduled: Any = None
         self._retry: Any = None
+        # Reads tried again after a failure (_read_failed), by queue.
+        self._read_retries: dict[SqliteQueue, Any] = {}
         self._syncer: Optional[task.LoopingCall] = None
         self._unsynced = False
         self._stopping: Optional[Deferred[None]] = None
@@ -524,11 +527,13 @@ class SqliteStore:
         self.log.error("cannot read messages from the database {path}: {error}; trying again "
                        "in {seconds:g} s", path=self.path, error=reason.value, seconds=RETRY_SECONDS)
         # They stay on disk; a Get that found none at hand waits for them.
-        if self._stopping is None:
-            self._reactor.callLater(RETRY_SECONDS, self._read_again, queue)
+        if self._stopping is None and queue not in self._read_retries:
+            self._read_retries[queue] = self._reactor.callLater(RETRY_SECONDS, self._read_again, queue)
 
     def _read_again(self, queue: SqliteQueue) -> None:
-        if not queue._reading and queue._on_disk and self._queues_by_id.get(queue.queue_id) is queue:
+        self._read_retries.pop(queue, None)
+        if (self._stopping is None and not queue._reading and queue._on_disk
+                and self._queues_by_id.get(queue.queue_id) is queue):
             queue._refill()
 
     def recovered(self) -> Iterable[SqliteQueue]:
@@ -567,11 +572,10 @@ class SqliteStore:
         if write is None:
             self.pending = batch = Batch()
             write = self._write = _Write(batch)
-            if not self._scheduled and self.failure is None:
+            if self._scheduled is None and self.failure is None:
                 # (Also while a write runs: a batch with nothing to write
                 # is done at the end of the turn, without waiting for it.)
-                self._scheduled = True
-                self._reactor.callLater(0, self._write_pending)
+                self._scheduled = self._reactor.callLater(0, self._write_pending)
         return write
 
     def _record_insert(self, message_id: int, row: tuple[int, int, int, bytes], fresh: bool) -> _Write:
@@ -591,7 +595,9 @@ class SqliteStore:
     # Writing -------------------------------------------------------------------
 
     def _write_pending(self) -> None:
-        self._scheduled = False
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()  # called by the retry timer, or directly
+        self._scheduled = None
         write = self._write
         if write is not None and self.failure is None and not (
             write.inserts or write.deletes or write.new_queues or write.dropped_queues or write.spilled
@@ -730,6 +736,12 @@ class SqliteStore:
         if self._stopping is not None:
             self._stopped()
             return
+        # The next write waits for the retry: not for a call already due.
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         self._retry = self._reactor.callLater(RETRY_SECONDS, self._write_pending)
 
     def _after_write(self) -> None:
@@ -802,6 +814,10 @@ class SqliteStore:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
             self._retry = None
+        for retry in self._read_retries.values():
+            if retry.active():
+                retry.cancel()
+        self._read_retries.clear()
         if self._writing:
             pass  # _written or _write_failed goes on from here
         elif self._write is not None and self.failure is None:
