@@ -21,7 +21,6 @@ store's ``WorkerThread`` and through Twisted's ``deferToThreadPool``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -29,25 +28,13 @@ import statistics
 import sys
 import tempfile
 import time
-from types import ModuleType
 from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: No-op round trips timed per way of reaching a thread (the first tenth untimed).
 HOP_SAMPLES = 2500
 sys.path.insert(0, os.path.dirname(HERE))  # this checkout's mqmq
-
-
-def _load_bench() -> ModuleType:
-    name = "mqmq_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "bench.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, HERE)  # bench.py beside it: its build of the load generator
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -68,7 +55,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from mqmq.stores.sqlite import CommitTimes, SqliteStore
     from mqmq.stores.worker import WorkerThread
 
-    bench = _load_bench()
+    import bench
+
     loadgen = bench.build_tools()["loadgen"]
     directory = tempfile.mkdtemp(prefix="mqmq-commit-path-")
     results: dict[str, Any] = {}

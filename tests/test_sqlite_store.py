@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -358,6 +358,42 @@ def test_message_ids_are_never_reused_across_restarts(tmp_path: Path) -> None:
     stop(clock, again)
 
 
+class HeldCalls:
+    """A store's writes or reads that run only when told (``finish``), as a
+    slow disk's would: ``run_writes=`` or ``run_reads=``.  While ``failing``,
+    and for the next ``failures`` of them, they fail with ``error`` instead."""
+
+    def __init__(self, error: Exception) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+        self.error = error
+        self.failing = False
+        self.failures = 0
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((function, args, done))
+        return done
+
+    def finish(self) -> int:
+        """Run (or fail) every call asked for so far; how many."""
+        calls, self.calls = self.calls, []
+        for function, args, done in calls:
+            if self.failing or self.failures:
+                self.failures = max(0, self.failures - 1)
+                done.errback(self.error)
+            else:
+                done.callback(function(*args))
+        return len(calls)
+
+
+def held_writes() -> HeldCalls:
+    return HeldCalls(sqlite3.OperationalError("database or disk is full"))
+
+
+def held_reads() -> HeldCalls:
+    return HeldCalls(sqlite3.OperationalError("disk I/O error"))
+
+
 class FailingWrites:
     """Runs the store's writes at once, failing them (as a full disk does) while ``failing``."""
 
@@ -404,25 +440,17 @@ def test_a_stored_message_is_delivered_while_the_disk_fails_and_removed_once_it_
 
 def test_a_put_whose_message_was_taken_before_its_write_failed_is_not_refused(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
-    inflight: list[tuple[defer.Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def later(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        waiting: defer.Deferred[Any] = defer.Deferred()
-        inflight.append((waiting, function, args))
-        return waiting
-
-    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=later))
+    writes = held_writes()
+    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=writes))
     producer, consumer = server.connect(), server.connect()
     producer.send([b"Put", b"q", b"X"])
     server.clock.advance(0)  # X's write goes to the writer
     consumer.send([b"Get", b"q"])  # X is taken while its write is under way
-    waiting, _, _ = inflight.pop(0)
-    waiting.errback(sqlite3.OperationalError("disk I/O error"))  # and fails
+    writes.failures = 1
+    writes.finish()  # and fails
     assert producer.replies() == [] and consumer.replies() == []
     server.clock.advance(1)
-    while inflight:
-        waiting, function, args = inflight.pop(0)
-        waiting.callback(function(*args))
+    writes.finish()
     # Stored with the retry, then taken: both told, neither an error.
     assert producer.replies() == [OK]
     assert consumer.replies() == [[b"OK", b"X"]]
@@ -479,33 +507,8 @@ def test_a_put_handed_to_a_waiter_is_answered_with_the_delivery(tmp_path: Path) 
     assert store.commits == commits
 
 
-class HeldWrites:
-    """Writes that run only when told (``finish``), as a slow disk's would;
-    the next ``failures`` of them fail as a full disk does."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
-        self.failures = 0
-
-    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        done: defer.Deferred[Any] = defer.Deferred()
-        self.calls.append((function, args, done))
-        return done
-
-    def finish(self) -> int:
-        """Run (or fail) every write asked for so far; how many."""
-        calls, self.calls = self.calls, []
-        for function, args, done in calls:
-            if self.failures:
-                self.failures -= 1
-                done.errback(sqlite3.OperationalError("database or disk is full"))
-            else:
-                done.callback(function(*args))
-        return len(calls)
-
-
 def test_a_hand_over_keeps_its_consumers_replies_in_order(tmp_path: Path) -> None:
-    writes = HeldWrites()
+    writes = held_writes()
     server = Server(store=lambda clock: SqliteStore(str(tmp_path / "q.db"), "always", clock, run_writes=writes))
     producer, consumer = server.connect(), server.connect()
     consumer.send([b"Get", b"q", b"1"])  # makes the queue
@@ -527,7 +530,7 @@ def test_a_hand_over_keeps_its_consumers_replies_in_order(tmp_path: Path) -> Non
 
 
 def test_a_failed_write_is_tried_again_after_the_retry_delay_only(tmp_path: Path) -> None:
-    writes = HeldWrites()
+    writes = held_writes()
     server = Server(store=lambda clock: SqliteStore(str(tmp_path / "q.db"), "always", clock, run_writes=writes))
     store = server.broker.store
     first, second = server.connect(), server.connect()
@@ -554,28 +557,17 @@ def test_a_failed_write_is_tried_again_after_the_retry_delay_only(tmp_path: Path
 
 def test_a_hand_over_does_not_wait_for_a_write_it_has_nothing_in(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
-    writes: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
-
-    def later(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        done: defer.Deferred[Any] = defer.Deferred()
-        writes.append((function, args, done))
-        return done
-
-    def write_all() -> None:
-        while writes:
-            function, args, done = writes.pop(0)
-            done.callback(function(*args))
-
-    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=later))
+    writes = held_writes()
+    server = Server(store=lambda clock: SqliteStore(str(path), "always", clock, run_writes=writes))
     slow, producer, consumer = server.connect(), server.connect(), server.connect()
     consumer.send([b"Get", b"q", b"1000"])
     slow.send([b"Put", b"a", b"first"])
     server.clock.advance(0)
-    write_all()
+    writes.finish()
     assert slow.replies() == [OK]
     slow.send([b"Put", b"a", b"stored"])
     server.clock.advance(0)
-    assert len(writes) == 1  # its write is in flight
+    assert len(writes.calls) == 1  # its write is in flight
     producer.send([b"Put", b"q", b"handed"])
     server.clock.advance(0)
     # The hand-over wrote nothing: its replies go without waiting for the
@@ -583,9 +575,9 @@ def test_a_hand_over_does_not_wait_for_a_write_it_has_nothing_in(tmp_path: Path)
     assert producer.replies() == [OK]
     assert consumer.replies() == [[b"OK", b"handed"]]
     assert slow.replies() == []
-    write_all()
+    writes.finish()
     assert slow.replies() == [OK]
-    assert writes == []
+    assert writes.calls == []
 
 
 def test_a_new_database_is_for_its_owner_only(tmp_path: Path) -> None:
@@ -598,32 +590,8 @@ def test_a_new_database_is_for_its_owner_only(tmp_path: Path) -> None:
     stop(clock, broker)
 
 
-class HeldReads:
-    """Reads of the disk that answer only when told (``finish``), as a slow
-    disk in the reader thread would; ``failing`` makes them fail instead."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
-        self.failing = False
-
-    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        done: defer.Deferred[Any] = defer.Deferred()
-        self.calls.append((function, args, done))
-        return done
-
-    def finish(self) -> int:
-        """Answer every read asked for so far; returns how many."""
-        calls, self.calls = self.calls, []
-        for function, args, done in calls:
-            if self.failing:
-                done.errback(sqlite3.OperationalError("disk I/O error"))
-            else:
-                done.callback(function(*args))
-        return len(calls)
-
-
-def with_held_reads(path: Path, limits: Limits = Limits()) -> tuple[task.Clock, Broker, HeldReads]:
-    reads = HeldReads()
+def with_held_reads(path: Path, limits: Limits = Limits()) -> tuple[task.Clock, Broker, HeldCalls]:
+    reads = held_reads()
     clock = task.Clock()
     store = SqliteStore(str(path), "always", clock, run_writes=defer.maybeDeferred, run_reads=reads)
     broker = Broker(clock, limits, store)
@@ -641,6 +609,25 @@ def filled(path: Path, count: int) -> list[bytes]:
     return sent
 
 
+def rest_of(clock: task.Clock, broker: Broker, reads: HeldCalls) -> list[bytes]:
+    """Every message left on queue ``q``, taken, reads answered as they are asked for."""
+    taken = []
+    while (message := broker.take(b"q")) is not None or reads.finish():
+        clock.advance(0)
+        if message is not None:
+            taken.append(message)
+    return taken
+
+
+def window_emptied(path: Path) -> tuple[list[bytes], task.Clock, Broker, HeldCalls, list[Optional[bytes]]]:
+    """Queue ``q`` of 20 messages read back at start-up, its window (8) taken,
+    and the read of the rest asked for but not answered."""
+    sent = filled(path / "q.db", 20)
+    clock, broker, reads = with_held_reads(path / "q.db")
+    taken = [broker.take(b"q") for _ in range(8)]
+    return sent, clock, broker, reads, taken
+
+
 @pytest.mark.usefixtures("small_window")
 def test_the_window_is_refilled_by_a_read_that_never_stops_the_gets(tmp_path: Path) -> None:
     sent = filled(tmp_path / "q.db", 30)
@@ -652,9 +639,7 @@ def test_the_window_is_refilled_by_a_read_that_never_stops_the_gets(tmp_path: Pa
     taken += [broker.take(b"q") for _ in range(3)]
     assert len(reads.calls) == 1  # one read at a time
     assert reads.finish() == 1
-    while (message := broker.take(b"q")) is not None or reads.finish():
-        if message is not None:
-            taken.append(message)
+    taken += rest_of(clock, broker, reads)
     assert taken == sent
     stop(clock, broker)
 
@@ -674,9 +659,7 @@ def test_gets_that_find_the_window_empty_wait_for_the_read_in_their_order(tmp_pa
     assert broker.take(b"q") is None  # in, but the waiting Gets come first
     clock.advance(0)  # the store says they arrived: the waiters are served, oldest first
     assert first.result == sent[8] and second.result == sent[9]
-    while (message := broker.take(b"q")) is not None or reads.finish():
-        if message is not None:
-            taken.append(message)
+    taken += rest_of(clock, broker, reads)
     assert taken[8:] == sent[10:] + [b"new"]
     assert broker.num_messages == 0
     stop(clock, broker)
@@ -684,9 +667,7 @@ def test_gets_that_find_the_window_empty_wait_for_the_read_in_their_order(tmp_pa
 
 @pytest.mark.usefixtures("small_window")
 def test_a_failed_read_is_tried_again_and_loses_nothing(tmp_path: Path) -> None:
-    sent = filled(tmp_path / "q.db", 20)
-    clock, broker, reads = with_held_reads(tmp_path / "q.db")
-    taken = [broker.take(b"q") for _ in range(8)]
+    sent, clock, broker, reads, taken = window_emptied(tmp_path)
     waiting = broker.get(b"q", 60)
     reads.failing = True
     assert reads.finish() == 1
@@ -696,18 +677,14 @@ def test_a_failed_read_is_tried_again_and_loses_nothing(tmp_path: Path) -> None:
     assert reads.finish() == 1
     clock.advance(0)
     assert waiting.result == sent[8]
-    while (message := broker.take(b"q")) is not None or reads.finish():
-        if message is not None:
-            taken.append(message)
+    taken += rest_of(clock, broker, reads)
     assert taken == sent[:8] + sent[9:]
     stop(clock, broker)
 
 
 @pytest.mark.usefixtures("small_window")
 def test_a_get_whose_timeout_ends_while_its_queue_is_read_waits_for_the_read(tmp_path: Path) -> None:
-    sent = filled(tmp_path / "q.db", 20)
-    clock, broker, reads = with_held_reads(tmp_path / "q.db")
-    taken = [broker.take(b"q") for _ in range(8)]
+    sent, clock, broker, reads, taken = window_emptied(tmp_path)
     waiting = broker.get(b"q", 0.001)  # the original client's default timeout
     clock.advance(0.001)
     assert not waiting.called  # the queue is not empty: no Timeout for it
@@ -719,9 +696,7 @@ def test_a_get_whose_timeout_ends_while_its_queue_is_read_waits_for_the_read(tmp
 
 @pytest.mark.usefixtures("small_window")
 def test_a_get_that_times_out_while_reads_fail_takes_nothing(tmp_path: Path) -> None:
-    sent = filled(tmp_path / "q.db", 20)
-    clock, broker, reads = with_held_reads(tmp_path / "q.db")
-    taken = [broker.take(b"q") for _ in range(8)]
+    sent, clock, broker, reads, taken = window_emptied(tmp_path)
     waiting = broker.get(b"q", 1)
     failures: list[Any] = []
     waiting.addErrback(failures.append)
@@ -733,9 +708,7 @@ def test_a_get_that_times_out_while_reads_fail_takes_nothing(tmp_path: Path) -> 
     reads.failing = False
     reads.finish()
     clock.advance(sqlite.RETRY_SECONDS)
-    while (message := broker.take(b"q")) is not None or reads.finish():
-        if message is not None:
-            taken.append(message)
+    taken += rest_of(clock, broker, reads)
     assert taken == sent
     stop(clock, broker)
 
