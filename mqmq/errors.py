@@ -17,6 +17,12 @@ INFO_TOO_LARGE = "SERVER_INFO_TOO_LARGE"
 #: A durable store could not write (disk full, I/O error): nothing new is taken.
 STORAGE_ERROR = "SERVER_STORAGE_ERROR"
 
+# Error types of acknowledged delivery (our extension; see docs/protocol.md).
+#: A lease or a delay outside what the server takes (or not a number).
+BAD_LEASE = "REQUEST_BAD_LEASE"
+#: An id this connection does not hold reserved on that queue.
+UNKNOWN_ID = "REQUEST_UNKNOWN_ID"
+
 
 class MQError(Exception):
     """Base class of every mqmq error."""

@@ -306,6 +306,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 self._ask_info()
             elif type(command) is Quit:
                 self._close()
+            else:
+                # Acknowledged delivery: parsed, not served yet.
+                raise errors.RequestError(errors.UNKNOWN_COMMAND,
+                                          f"{type(command).__name__} is not served here yet")
         except errors.RequestError as error:
             self._refuse(error)
         except errors.MalformedFrame as error:

@@ -6,7 +6,7 @@ Pure: values in, a command (or a :class:`~mqmq.errors.RequestError`) out.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 from mqmq import errors
 from mqmq.wire.codec import MAX_QUEUE_NAME_LENGTH
@@ -15,6 +15,13 @@ PUT = b"Put"
 GET = b"Get"
 INFO = b"Info"
 QUIT = b"Quit"
+# Acknowledged delivery (our extension).
+RESERVE = b"Reserve"
+ACK = b"Ack"
+RELEASE = b"Release"
+TOUCH = b"Touch"
+BURY = b"Bury"
+KICK = b"Kick"
 
 OK = b"OK"
 ERROR = b"Error"
@@ -24,6 +31,12 @@ TIMEOUT = b"Timeout"
 MAX_TIMEOUT_MS = 3_600_000
 #: Timeout of a ``Get`` sent without one, and the floor of any timeout.
 MIN_TIMEOUT_MS = 1
+#: Lease of a ``Reserve`` or ``Touch`` sent without one.
+DEFAULT_LEASE_MS = 30_000
+#: Longest lease, and longest ``Release`` delay (12 hours).
+MAX_LEASE_MS = 43_200_000
+#: Longest message id a client may send (ids are ASCII tokens).
+MAX_ID_LENGTH = 64
 
 # Go's strconv.Atoi: an optional sign, then one or more ASCII digits.
 _ATOI = re.compile(rb"[+-]?[0-9]+\Z")
@@ -53,7 +66,57 @@ _INFO = Info()
 _QUIT = Quit()
 
 
-Command = Union[Put, Get, Info, Quit]
+class Reserve(NamedTuple):
+    queue: bytes
+    timeout_ms: int
+    lease_ms: int
+
+
+class Ack(NamedTuple):
+    queue: bytes
+    message_id: bytes
+
+
+class Release(NamedTuple):
+    queue: bytes
+    message_id: bytes
+    delay_ms: int
+
+
+class Touch(NamedTuple):
+    queue: bytes
+    message_id: bytes
+    lease_ms: int
+
+
+class Bury(NamedTuple):
+    queue: bytes
+    message_id: bytes
+
+
+class Kick(NamedTuple):
+    queue: bytes
+    #: How many buried messages to bring back, at most.
+    most: int
+
+
+Command = Union[Put, Get, Info, Quit, Reserve, Ack, Release, Touch, Bury, Kick]
+
+
+def _atoi(raw: bytes) -> Optional[int]:
+    """Go's ``strconv.Atoi``: the value of a sign and ASCII digits that fit in
+    int64, or None."""
+    if not _ATOI.match(raw):
+        return None
+    negative = raw[:1] == b"-"
+    digits = raw.lstrip(b"+-").lstrip(b"0")
+    # Counting digits first keeps int() away from huge inputs.
+    if len(digits) > 19:
+        return None
+    value = int(digits) if digits else 0
+    if value > _INT64_MAX + negative:
+        return None
+    return -value if negative else value
 
 
 def parse_timeout(raw: bytes) -> int:
@@ -72,17 +135,75 @@ def parse_timeout(raw: bytes) -> int:
         return value or MIN_TIMEOUT_MS
     if not _ATOI.match(raw):
         raise errors.RequestError(errors.BAD_TIMEOUT, "timeout is not an integer")
-    negative = raw[:1] == b"-"
-    digits = raw.lstrip(b"+-").lstrip(b"0")
-    # Counting digits first keeps int() away from huge inputs.
-    value = int(digits) if 0 < len(digits) <= 19 else 0
-    if len(digits) > 19 or value > _INT64_MAX + negative:
+    parsed = _atoi(raw)
+    if parsed is None:
         raise errors.RequestError(errors.BAD_TIMEOUT, "timeout out of range")
-    if negative:
-        return MIN_TIMEOUT_MS
+    value = parsed
     if value > MAX_TIMEOUT_MS:
         raise errors.RequestError(errors.BAD_TIMEOUT, "timeout above one hour")
     return max(value, MIN_TIMEOUT_MS)
+
+
+def parse_lease(raw: bytes, least: int = 1) -> int:
+    """A lease (or, with ``least=0``, a ``Release`` delay) in milliseconds:
+    parsed like a timeout, and from ``least`` to :data:`MAX_LEASE_MS`.
+
+    :raises RequestError: ``REQUEST_BAD_LEASE``.
+    """
+    value = _atoi(raw)
+    if value is None or not least <= value <= MAX_LEASE_MS:
+        raise errors.RequestError(
+            errors.BAD_LEASE, f"{raw[:32]!r} is not a number of ms from {least} to {MAX_LEASE_MS}"
+        )
+    return value
+
+
+def parse_count(raw: bytes) -> int:
+    """A ``Kick`` count: parsed like a timeout, below 1 meaning 1.
+
+    :raises RequestError: ``REQUEST_BAD_PARAMS``.
+    """
+    value = _atoi(raw)
+    if value is None:
+        raise errors.RequestError(errors.BAD_PARAMS, f"count {raw[:32]!r} is not an integer")
+    return max(value, 1)
+
+
+def _check_id(message_id: bytes) -> bytes:
+    # Ids are ASCII tokens of at most MAX_ID_LENGTH bytes: no other can be held.
+    if len(message_id) > MAX_ID_LENGTH or not message_id.isascii():
+        raise errors.RequestError(errors.UNKNOWN_ID, "no such id is held reserved")
+    return message_id
+
+
+def _parse_acknowledgement(command: bytes, values: Sequence[bytes]) -> Command:
+    """Reserve, Ack, Release, Touch, Bury or Kick (values[0] is one of them)."""
+    if command == RESERVE:
+        if len(values) < 2:
+            raise errors.RequestError(errors.BAD_PARAMS, "Reserve needs a queue")
+        queue = _check_queue_name(values[1])
+        timeout = parse_timeout(values[2]) if len(values) > 2 else MIN_TIMEOUT_MS
+        lease = parse_lease(values[3]) if len(values) > 3 else DEFAULT_LEASE_MS
+        return Reserve(queue, timeout, lease)
+    if command == KICK:
+        if len(values) < 2:
+            raise errors.RequestError(errors.BAD_PARAMS, "Kick needs a queue")
+        queue = _check_queue_name(values[1])
+        return Kick(queue, parse_count(values[2]) if len(values) > 2 else 1)
+    if len(values) < 3:
+        raise errors.RequestError(errors.BAD_PARAMS, f"{command.decode()} needs a queue and an id")
+    queue = _check_queue_name(values[1])
+    message_id = _check_id(values[2])
+    if command == ACK:
+        return Ack(queue, message_id)
+    if command == RELEASE:
+        return Release(queue, message_id, parse_lease(values[3], least=0) if len(values) > 3 else 0)
+    if command == TOUCH:
+        return Touch(queue, message_id, parse_lease(values[3]) if len(values) > 3 else DEFAULT_LEASE_MS)
+    return Bury(queue, message_id)
+
+
+_ACKNOWLEDGEMENT_COMMANDS = frozenset((RESERVE, ACK, RELEASE, TOUCH, BURY, KICK))
 
 
 def _check_queue_name(name: bytes) -> bytes:
@@ -118,4 +239,6 @@ def parse_request(values: Sequence[bytes]) -> Command:
         return _INFO
     if command == QUIT:
         return _QUIT
+    if command in _ACKNOWLEDGEMENT_COMMANDS:
+        return _parse_acknowledgement(command, values)
     raise errors.RequestError(errors.UNKNOWN_COMMAND, f"unknown command {command[:64]!r}")
