@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -27,7 +27,7 @@ from mqmq.wire.info import (
     queue_name_text,
 )
 from mqmq.broker.limits import Limits
-from mqmq.stores.base import Store, StoredQueue
+from mqmq.stores.base import Entry, ReservingQueue, Store, StoredQueue
 from mqmq.stores.memory import MemoryStore
 
 #: Work done in one turn of the reactor while building a large ``Info``:
@@ -64,11 +64,15 @@ class QueueState:
     says they have arrived, and new messages wait behind them.
     """
 
-    __slots__ = ("name", "messages", "waiters")
+    __slots__ = ("name", "messages", "waiters", "reserved", "buried")
 
     def __init__(self, name: bytes, messages: StoredQueue) -> None:
         self.name = name
         self.messages = messages
+        #: Its messages handed out by ``Reserve`` and not yet done with
+        #: (released with a delay included), and those buried.
+        self.reserved = 0
+        self.buried = 0
         # An OrderedDict is an ordered set with O(1) removal of any waiter,
         # which a departing or timed-out waiter needs.
         self.waiters: OrderedDict[Waiter, None] = OrderedDict()
@@ -88,20 +92,26 @@ class Waiter:
     :class:`ConsumerGone`, and the message goes to the next one.
     """
 
-    __slots__ = ("broker", "queue", "deferred", "timer", "present", "extended")
+    __slots__ = ("broker", "queue", "deferred", "timer", "present", "extended", "lease", "owner")
 
     def __init__(
-        self, broker: Broker, queue: QueueState, present: Optional[Callable[[], bool]]
+        self, broker: Broker, queue: QueueState, present: Optional[Callable[[], bool]],
+        lease: Optional[float] = None, owner: object = None,
     ) -> None:
         self.broker = broker
         self.queue = queue
         self.present = present
-        self.deferred: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+        # Fires with the message (a Get), or its Entry (a Reserve).
+        self.deferred: defer.Deferred[Any] = defer.Deferred(self._cancel)
+        #: A ``Reserve``'s lease (seconds) and who will hold the reservation;
+        #: None for a ``Get``.
+        self.lease = lease
+        self.owner = owner
         self.timer: Optional[IDelayedCall] = None
         # Whether its timeout was put off once while the store fetched.
         self.extended = False
 
-    def _cancel(self, _deferred: defer.Deferred[bytes]) -> None:
+    def _cancel(self, _deferred: defer.Deferred[Any]) -> None:
         # The consumer went away: it must never take a message.
         self.broker._withdraw(self)
         if self.timer is not None and self.timer.active():
@@ -128,6 +138,24 @@ class Waiter:
         except Exception:
             Broker.log.failure("checking whether a waiting consumer is there failed")
             return True
+
+
+class Reservation:
+    """A message handed out by ``Reserve``: its owner's until acked,
+    released, buried, or its lease ends (then it goes back to the front)."""
+
+    __slots__ = ("queue_name", "entry", "owner", "timer")
+
+    def __init__(self, queue_name: bytes, entry: Entry, owner: object) -> None:
+        self.queue_name = queue_name
+        self.entry = entry
+        #: None once released with a delay: nobody's, back when it ends.
+        self.owner: object = owner
+        self.timer: Optional[IDelayedCall] = None
+
+
+#: What the hand-over loop carries: a message, or a reservation's entry that came back.
+_Item = Union[bytes, Entry]
 
 
 class Broker(service.Service):
@@ -172,11 +200,24 @@ class Broker(service.Service):
         # Messages being handed to waiters.  A waiter's callback may put a
         # message back (its consumer turned out gone); that one waits here for
         # the loop in _offer instead of recursing, one frame per waiter.
-        self._offers: Optional[deque[tuple[bytes, tuple[bytes, ...], bool]]] = None
+        self._offers: Optional[deque[tuple[bytes, tuple[_Item, ...], bool]]] = None
         # The id of the message a put stored after passing over departed waiters.
         self._stored_id: Optional[int] = None
         self.store.dropped = self._dropped
         self.store.arrived = self._arrived
+        # Acknowledged delivery: reservations by (queue, id), and each
+        # owner's, oldest first.
+        self._reservations: dict[tuple[bytes, int], Reservation] = {}
+        self._owned: dict[object, dict[tuple[bytes, int], Reservation]] = {}
+        # Released with a delay, waiting to come back.
+        self._delayed: set[Reservation] = set()
+        #: Messages reserved (delayed releases included) and buried, across queues.
+        self.num_reserved = 0
+        self.num_buried = 0
+        #: Whether any queue has held a reserved or buried message: from
+        #: then on Info carries their counts.
+        self.reservations_seen = False
+        self._max_deliveries = limits.max_deliveries if self.store.acknowledged_delivery else 0
         self._store_open = False
 
     def privilegedStartService(self) -> None:
@@ -235,7 +276,7 @@ class Broker(service.Service):
         while idle:
             name, _ = idle.popitem(last=False)
             queue = self._queues[name]
-            if not queue.messages and not queue.waiters:
+            if not queue.messages and not queue.waiters and not queue.reserved and not queue.buried:
                 self.store.forget(queue.messages)
                 del self._queues[name]
                 del self._sorted_names[bisect_left(self._sorted_names, name)]
@@ -256,7 +297,9 @@ class Broker(service.Service):
         if failure is not None:
             raise errors.RequestError(errors.STORAGE_ERROR, failure)
         limits = self.limits
-        if limits.max_queued_messages and self.num_messages >= limits.max_queued_messages:
+        if limits.max_queued_messages and (
+            self.num_messages + self.num_reserved + self.num_buried >= limits.max_queued_messages
+        ):
             raise errors.RequestError(
                 errors.STORAGE_FULL,
                 f"the server holds its limit of {limits.max_queued_messages} messages",
@@ -337,7 +380,7 @@ class Broker(service.Service):
         self.num_messages += 1
         self.num_bytes += len(message)
 
-    def _offer(self, queue_name: bytes, messages: tuple[bytes, ...], front: bool) -> None:
+    def _offer(self, queue_name: bytes, messages: tuple[_Item, ...], front: bool) -> None:
         """Hand messages to the oldest waiters still there, and keep the rest."""
         offers = self._offers
         if offers is not None:
@@ -362,7 +405,7 @@ class Broker(service.Service):
                 self._keep(queue_name, messages, front)
 
     def _hand_over(
-        self, queue_name: bytes, messages: tuple[bytes, ...], front: bool, handed: list[int]
+        self, queue_name: bytes, messages: tuple[_Item, ...], front: bool, handed: list[int]
     ) -> None:
         if not front:
             queue = self._queues.get(queue_name)
@@ -372,18 +415,41 @@ class Broker(service.Service):
                 self._keep(queue_name, messages, front)
                 return
         for index, message in enumerate(messages):
+            if type(message) is Entry and self._max_deliveries and message.deliveries >= self._max_deliveries:
+                # A reservation back from a lease or a release, handed out
+                # as many times as allowed: buried, not handed out again.
+                handed[0] = index + 1
+                self._bury_reserved(self._queue(queue_name, limited=False), message)
+                continue
             waiter = self._next_waiter(queue_name)
             if waiter is None:
                 self._keep(queue_name, messages[index:], front)
                 return
             handed[0] = index + 1
-            waiter.deferred.callback(message)
+            if waiter.lease is None:
+                if type(message) is Entry:
+                    # A Get takes a reservation that came back: done with.
+                    self._done_with(self._queue(queue_name, limited=False), message)
+                    waiter.deferred.callback(message.message)
+                else:
+                    waiter.deferred.callback(message)
+            else:
+                waiter.deferred.callback(self._reserve_handed(queue_name, message, waiter))
 
-    def _keep(self, queue_name: bytes, messages: tuple[bytes, ...], front: bool) -> None:
+    def _keep(self, queue_name: bytes, messages: tuple[_Item, ...], front: bool) -> None:
         # Looked up afresh: a callback may have let the queue be forgotten.
         queue = self._queue(queue_name, limited=False)
         for message in reversed(messages) if front else messages:
-            self._store(queue, message, front)
+            if type(message) is Entry:
+                # A reservation back to the front, ready again.
+                if not queue.messages:
+                    self._idle.pop(queue.name, None)
+                cast(ReservingQueue, queue.messages).release(message)
+                queue.reserved -= 1
+                self.num_reserved -= 1
+                self.num_messages += 1
+            else:
+                self._store(queue, cast(bytes, message), front)
 
     def _next_waiter(self, queue_name: bytes) -> Optional[Waiter]:
         """The longest waiting ``get`` whose consumer is still there, if any.
@@ -419,6 +485,8 @@ class Broker(service.Service):
         if queue.waiters:
             # Gets that came first wait for what the store is fetching.
             return None
+        if self._max_deliveries:
+            self._bury_spent(queue)
         messages = queue.messages
         message = messages.pop()
         if message is not None:
@@ -470,10 +538,16 @@ class Broker(service.Service):
             passed over (its Deferred fails with :class:`ConsumerGone`) and
             never takes a message.
         """
+        return self._wait(queue_name, timeout, present, None, None)
+
+    def _wait(
+        self, queue_name: bytes, timeout: float, present: Optional[Callable[[], bool]],
+        lease: Optional[float], owner: object,
+    ) -> defer.Deferred[Any]:
         _check_name(queue_name)
         queue = self._queue(queue_name)
         self._idle.pop(queue_name, None)
-        waiter = Waiter(self, queue, present)
+        waiter = Waiter(self, queue, present, lease, owner)
         queue.waiters[waiter] = None
         waiter.timer = self.clock.callLater(timeout, waiter._time_out, timeout)
         return waiter.deferred
@@ -549,11 +623,208 @@ class Broker(service.Service):
         """A snapshot of connections, queues and messages."""
         return ServerInfo.from_json(self.info_json())
 
+    # Acknowledged delivery ---------------------------------------------------
+    #
+    # A Reserve takes a message as a Get does (the same waiters, in one
+    # order) but the store keeps it, reserved, until its owner acks it.
+    # Released, or when its lease ends or its owner's connection closes, it
+    # goes back to the front of its queue, to the waiters first.
+
+    def _reserving(self, queue: QueueState) -> ReservingQueue:
+        if not self.store.acknowledged_delivery:
+            raise errors.RequestError(
+                errors.UNKNOWN_COMMAND,
+                f"the store ({self.store.describe()}) does not keep reservations yet",
+            )
+        return cast(ReservingQueue, queue.messages)
+
+    def reserve_now(self, queue_name: bytes, lease: float, owner: object) -> Optional[Entry]:
+        """Reserve the oldest message of a queue for ``owner`` for ``lease``
+        seconds, or ``None`` if it has none at hand (``wait_reserve`` then)."""
+        _check_name(queue_name)
+        queue = self._queue(queue_name)
+        messages = self._reserving(queue)
+        if queue.waiters:
+            return None  # those that came first go first
+        if self._max_deliveries:
+            self._bury_spent(queue)
+        entry = messages.reserve()
+        if entry is None:
+            if not messages and not queue.waiters:
+                self._touch_idle(queue)
+            return None
+        self.num_messages -= 1
+        queue.reserved += 1
+        self.num_reserved += 1
+        self._hold(queue_name, entry, lease, owner)
+        return entry
+
+    def wait_reserve(
+        self, queue_name: bytes, timeout: float, lease: float, owner: object,
+        present: Optional[Callable[[], bool]] = None,
+    ) -> defer.Deferred[Entry]:
+        """As :meth:`wait`, for a ``Reserve``: fires with the reserved message's entry."""
+        self._reserving(self._queue(queue_name))
+        return self._wait(queue_name, timeout, present, lease, owner)
+
+    def _reserve_handed(self, queue_name: bytes, item: _Item, waiter: Waiter) -> Entry:
+        # A message handed to a waiting Reserve: reserved for its owner.
+        queue = self._queue(queue_name, limited=False)
+        messages = cast(ReservingQueue, queue.messages)
+        if type(item) is Entry:
+            entry = messages.reserve_again(item)  # was reserved, still is
+        else:
+            message = cast(bytes, item)
+            entry = messages.reserve_new(message)
+            queue.reserved += 1
+            self.num_reserved += 1
+            self.num_bytes += len(message)
+        assert waiter.lease is not None
+        self._hold(queue_name, entry, waiter.lease, waiter.owner)
+        return entry
+
+    def _hold(self, queue_name: bytes, entry: Entry, lease: float, owner: object) -> None:
+        reservation = Reservation(queue_name, entry, owner)
+        key = (queue_name, entry.message_id)
+        self._reservations[key] = reservation
+        self._owned.setdefault(owner, {})[key] = reservation
+        reservation.timer = self.clock.callLater(lease, self._lease_ended, reservation)
+        self.reservations_seen = True
+
+    def _reservation(self, queue_name: bytes, message_id: int, owner: object) -> Reservation:
+        reservation = self._reservations.get((queue_name, message_id))
+        if reservation is None or reservation.owner is not owner:
+            raise errors.RequestError(
+                errors.UNKNOWN_ID,
+                f"id {message_id} is not reserved on queue {queue_name_text(queue_name)!r} "
+                f"by this connection",
+            )
+        return reservation
+
+    def _end(self, queue_name: bytes, message_id: int, owner: object) -> Reservation:
+        """Take a reservation away from its owner (and its lease's timer)."""
+        reservation = self._reservation(queue_name, message_id, owner)
+        key = (queue_name, message_id)
+        del self._reservations[key]
+        owned = self._owned[owner]
+        del owned[key]
+        if not owned:
+            del self._owned[owner]
+        if reservation.timer is not None and reservation.timer.active():
+            reservation.timer.cancel()
+        return reservation
+
+    def _done_with(self, queue: QueueState, entry: Entry) -> None:
+        cast(ReservingQueue, queue.messages).ack(entry)
+        queue.reserved -= 1
+        self.num_reserved -= 1
+        self.num_bytes -= len(entry.message)
+
+    def _bury_reserved(self, queue: QueueState, entry: Entry) -> None:
+        cast(ReservingQueue, queue.messages).bury(entry)
+        queue.reserved -= 1
+        queue.buried += 1
+        self.num_reserved -= 1
+        self.num_buried += 1
+
+    def _bury_spent(self, queue: QueueState) -> None:
+        # Ready messages at the front handed out as many times as allowed.
+        messages = cast(ReservingQueue, queue.messages)
+        while messages.front_deliveries() >= self._max_deliveries:
+            messages.bury_front()
+            queue.buried += 1
+            self.num_messages -= 1
+            self.num_buried += 1
+            self.reservations_seen = True
+
+    def ack(self, queue_name: bytes, message_id: int, owner: object) -> None:
+        """The owner is done with a reserved message: gone for good.
+
+        :raises RequestError: ``REQUEST_UNKNOWN_ID`` if ``owner`` does not
+            hold it reserved on that queue.
+        """
+        reservation = self._end(queue_name, message_id, owner)
+        self._done_with(self._queue(queue_name, limited=False), reservation.entry)
+
+    def release(self, queue_name: bytes, message_id: int, owner: object, delay: float = 0) -> None:
+        """A reserved message goes back to the front of its queue, at once or
+        after ``delay`` seconds (nobody's meanwhile, still counted reserved)."""
+        reservation = self._end(queue_name, message_id, owner)
+        if delay > 0:
+            reservation.owner = None
+            self._delayed.add(reservation)
+            reservation.timer = self.clock.callLater(delay, self._come_back, reservation)
+        else:
+            self._offer(queue_name, (reservation.entry,), front=True)
+
+    def touch(self, queue_name: bytes, message_id: int, owner: object, lease: float) -> None:
+        """Restart a reservation's lease: ``lease`` seconds from now."""
+        reservation = self._reservation(queue_name, message_id, owner)
+        assert reservation.timer is not None
+        reservation.timer.reset(lease)
+
+    def bury(self, queue_name: bytes, message_id: int, owner: object) -> None:
+        """Set a reserved message aside until kicked."""
+        reservation = self._end(queue_name, message_id, owner)
+        self._bury_reserved(self._queue(queue_name, limited=False), reservation.entry)
+
+    def kick(self, queue_name: bytes, most: int) -> int:
+        """Bring back up to ``most`` buried messages of a queue, oldest first,
+        to its back, as new ones; how many came back."""
+        _check_name(queue_name)
+        queue = self._queue(queue_name)
+        messages = self._reserving(queue)
+        if not queue.buried:
+            return 0
+        if not messages:
+            self._idle.pop(queue_name, None)
+        kicked = messages.kick(most)
+        queue.buried -= kicked
+        self.num_buried -= kicked
+        self.num_messages += kicked
+        # Ready now: to the waiters first (they found the queue empty).
+        self._arrived(queue_name)
+        return kicked
+
+    def release_all(self, owner: object) -> None:
+        """Every message ``owner`` holds reserved goes back to the front of
+        its queue, oldest first (its connection closed)."""
+        owned = self._owned.pop(owner, None)
+        if not owned:
+            return
+        by_queue: dict[bytes, list[Entry]] = {}
+        for key, reservation in owned.items():
+            del self._reservations[key]
+            if reservation.timer is not None and reservation.timer.active():
+                reservation.timer.cancel()
+            by_queue.setdefault(reservation.queue_name, []).append(reservation.entry)
+        for queue_name, entries in by_queue.items():
+            self._offer(queue_name, tuple(entries), front=True)
+
+    def _lease_ended(self, reservation: Reservation) -> None:
+        key = (reservation.queue_name, reservation.entry.message_id)
+        self._reservations.pop(key, None)
+        owned = self._owned.get(reservation.owner)
+        if owned is not None:
+            owned.pop(key, None)
+            if not owned:
+                del self._owned[reservation.owner]
+        self._offer(reservation.queue_name, (reservation.entry,), front=True)
+
+    def _come_back(self, reservation: Reservation) -> None:
+        self._delayed.discard(reservation)
+        self._offer(reservation.queue_name, (reservation.entry,), front=True)
+
     def stopService(self) -> defer.Deferred[None] | None:
-        """Withdraw every waiting ``get`` and cancel its timer; messages stay."""
+        """Withdraw every waiting ``get`` and cancel its timer; messages stay
+        (delayed releases come back to their queues at once)."""
         for queue in self._queues.values():
             while (waiter := queue.pop_waiter()) is not None:
                 waiter.deferred.cancel()
+        for reservation in list(self._delayed):
+            if reservation.timer is not None and reservation.timer.active():
+                reservation.timer.cancel()
+            self._come_back(reservation)
         return super().stopService()
 
 

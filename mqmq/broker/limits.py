@@ -39,6 +39,9 @@ class Limits:
     #: ``SERVER_INFO_TOO_LARGE``.  At most :data:`MAX_INFO_BYTES`, the most a
     #: frame can carry (the original's limit too).
     max_info_bytes: int = MAX_INFO_BYTES
+    #: A message handed out this many times is buried rather than handed
+    #: out once more (``--max-deliveries``; 0: no limit).
+    max_deliveries: int = 0
 
     @property
     def max_frame_bytes(self) -> int:

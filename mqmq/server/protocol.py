@@ -18,10 +18,25 @@ from mqmq import errors
 from mqmq.address import describe
 from mqmq.broker.broker import Broker
 from mqmq.wire.codec import MAX_FRAME_LENGTH, decode_payload, encode_frame
-from mqmq.wire.commands import ERROR, OK, TIMEOUT, Get, Info, Put, Quit, parse_request
+from mqmq.wire.commands import (
+    ERROR,
+    OK,
+    TIMEOUT,
+    Ack,
+    Bury,
+    Get,
+    Info,
+    Kick,
+    Put,
+    Quit,
+    Release,
+    Reserve,
+    Touch,
+    parse_request,
+)
 from mqmq.wire.framing import FrameReceiver
 from mqmq.server.liveness import peer_has_gone
-from mqmq.stores.base import Batch
+from mqmq.stores.base import Batch, Entry
 from mqmq.server.writer import ReplyWriter, Settlement
 
 _UINT32 = Struct(">I")
@@ -54,6 +69,14 @@ LIVENESS_INTERVAL = 1.0
 MAX_HELD_MESSAGE_BYTES = 64 * 1024
 
 
+def _parse_id(raw: bytes) -> int:
+    """A message id as the server gives them (decimal digits); any other
+    token cannot be held reserved."""
+    if not raw.isdigit() or (raw[:1] == b"0" and len(raw) > 1) or len(raw) > 20:
+        raise errors.RequestError(errors.UNKNOWN_ID, "no such id is held reserved")
+    return int(raw)
+
+
 class MQServerProtocol(FrameReceiver, TimeoutMixin):
     """One client connection.
 
@@ -71,7 +94,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self.broker = broker
         self.limits = broker.limits
         self.MAX_LENGTH = max(MAX_FRAME_LENGTH, self.limits.max_frame_bytes)
-        self._waiting: Optional[defer.Deferred[bytes]] = None
+        self._waiting: Optional[defer.Deferred[Any]] = None
         # An Info request being answered: waiting its turn, being built, or
         # being written a piece at a time as the transport takes them.
         self._info: Optional[defer.Deferred[list[bytes]]] = None
@@ -134,6 +157,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             if self._waiting is not None:
                 # Withdraws the waiter: a departed consumer never takes a message.
                 self._waiting.cancel()
+            # Its reservations go back to the front of their queues.
+            self.broker.release_all(self)
             if self._info_busy:
                 self.factory.end_info_turn(self)
                 if self._info is not None:
@@ -307,9 +332,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             elif type(command) is Quit:
                 self._close()
             else:
-                # Acknowledged delivery: parsed, not served yet.
-                raise errors.RequestError(errors.UNKNOWN_COMMAND,
-                                          f"{type(command).__name__} is not served here yet")
+                self._acknowledged_delivery(command)
         except errors.RequestError as error:
             self._refuse(error)
         except errors.MalformedFrame as error:
@@ -348,6 +371,60 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # Waiting for a message is not being idle.
         self.setTimeout(None)
         waiting.addCallbacks(self._delivered, self._wait_ended, (command.queue,))
+
+    # Acknowledged delivery ----------------------------------------------------
+
+    def _acknowledged_delivery(self, command: Any) -> None:
+        broker = self.broker
+        kind = type(command)
+        if kind is Reserve:
+            self._reserve(command)
+            return
+        if kind is Kick:
+            kicked = broker.kick(command.queue, command.most)
+            self._reply_for_store(encode_frame([OK, b"%d" % kicked]))
+            return
+        message_id = _parse_id(command.message_id)
+        if kind is Ack:
+            broker.ack(command.queue, message_id, self)
+        elif kind is Release:
+            broker.release(command.queue, message_id, self, command.delay_ms / 1000)
+        elif kind is Touch:
+            broker.touch(command.queue, message_id, self, command.lease_ms / 1000)
+        elif kind is Bury:
+            broker.bury(command.queue, message_id, self)
+        self._reply_for_store(_OK_FRAME)
+
+    def _reserve(self, command: Reserve) -> None:
+        lease = command.lease_ms / 1000
+        entry = self.broker.reserve_now(command.queue, lease, self)
+        if entry is not None:
+            self._send_reserved(entry)
+            return
+        waiting = self.broker.wait_reserve(command.queue, command.timeout_ms / 1000, lease, self,
+                                           self._consumer_present)
+        self._waiting = waiting
+        self.setTimeout(None)
+        waiting.addCallbacks(self._reserved, self._wait_ended)
+
+    def _reserved(self, entry: Entry) -> None:
+        self._waiting = None
+        self._send_reserved(entry)
+        self._end_wait()
+
+    def _send_reserved(self, entry: Entry) -> None:
+        # Should the reply never reach the peer, its connection closes, and
+        # the reservation goes back with it (release_all): nothing to settle.
+        self._reply_for_store(encode_frame(
+            [OK, entry.message, b"%d" % entry.message_id, b"%d" % entry.deliveries]
+        ))
+
+    def _reply_for_store(self, frame: bytes) -> None:
+        """A reply that waits for the store's pending batch, if any, and the replies before it."""
+        if self._store.pending is not None:
+            self._hold(self._store.pending, _HELD_FRAME, frame, None)
+        else:
+            self._reply(frame)
 
     def _send_message(self, queue: bytes, message: bytes) -> None:
         if self._held is not None or self._store.pending is not None:

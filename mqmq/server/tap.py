@@ -171,6 +171,10 @@ class Options(VersionOption, usage.Options):
         ["max-info-bytes", None, _DEFAULTS.max_info_bytes,
          "Largest Info reply; a larger one is refused with SERVER_INFO_TOO_LARGE "
          "(the default is the most one frame can carry).", size_option],
+        ["max-deliveries", None, _DEFAULTS.max_deliveries,
+         "Bury a message rather than hand it out (by Get or Reserve) once more after "
+         "this many times: a poison message stops coming back; Kick brings buried "
+         "ones back. 0: no limit.", _count],
         ["store", None, "memory:",
          f"Where messages are kept: {STORE_FORMS}. memory: holds them in this "
          "process only; sqlite:PATH keeps them in an SQLite database, across "

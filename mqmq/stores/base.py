@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol
+
+
+class Entry(NamedTuple):
+    """A message as acknowledged delivery sees it."""
+
+    #: Unique among the messages a store holds (a durable store's, across
+    #: restarts too); its decimal digits are the id on the wire.
+    message_id: int
+    message: bytes
+    #: How many times it was handed out (by ``Get`` or ``Reserve``).
+    deliveries: int
 
 
 class StoredQueue(Protocol):
@@ -41,6 +52,56 @@ class StoredQueue(Protocol):
         at hand (then, if ``len()`` is not 0, ``Store.arrived`` follows)."""
 
 
+class ReservingQueue(StoredQueue, Protocol):
+    """A stored queue that keeps what acknowledged delivery needs (see
+    ``Store.acknowledged_delivery``).
+
+    ``len()`` and ``num_bytes`` count the messages ready to be handed out;
+    reserved and buried ones are counted apart.  The broker holds each
+    reservation (its entry, owner and lease); the store keeps the message
+    until it is acked.
+    """
+
+    #: Messages handed out by ``Reserve`` and not yet acked, released or buried.
+    num_reserved: int
+    #: Messages set aside by ``Bury``, until kicked.
+    num_buried: int
+
+    def front_deliveries(self) -> int:
+        """How many times the message :meth:`pop` or :meth:`reserve` would
+        take next was handed out before (0 for a new one, or none at hand)."""
+
+    def reserve(self) -> Optional[Entry]:
+        """Hand out the oldest message at hand, kept as reserved: its entry,
+        its deliveries counting this one; ``None`` as :meth:`pop`."""
+
+    def reserve_new(self, message: bytes) -> Entry:
+        """A new message (a ``Put``) handed at once to a waiting ``Reserve``:
+        kept as reserved, delivered once."""
+
+    def reserve_again(self, entry: Entry) -> Entry:
+        """A reserved message that came back (lease ended, released) handed
+        at once to a waiting ``Reserve``: still reserved, delivered once more."""
+
+    def ack(self, entry: Entry) -> None:
+        """A reserved message is done with (``Ack``; or taken by a ``Get``
+        as it came back): gone for good."""
+
+    def release(self, entry: Entry) -> None:
+        """A reserved message goes back to the front, ready, its deliveries kept."""
+
+    def bury(self, entry: Entry) -> None:
+        """A reserved message is set aside (``Bury``)."""
+
+    def bury_front(self) -> None:
+        """The oldest ready message is set aside unhanded: it has been handed
+        out as many times as allowed (``--max-deliveries``)."""
+
+    def kick(self, most: int) -> int:
+        """Bring back up to ``most`` buried messages, oldest first, to the
+        back of the queue as new ones; how many came back."""
+
+
 class Store(Protocol):
     """Where messages are kept.  The broker knows stores only through this."""
 
@@ -51,6 +112,9 @@ class Store(Protocol):
     failure: Optional[str]
     #: Whether its batches are written somewhere (replies wait for them).
     durable: bool
+    #: Whether its queues are :class:`ReservingQueue` ones (else the broker
+    #: refuses ``Reserve``, and there is nothing to ``Ack``).
+    acknowledged_delivery: bool
     #: Set by the broker: called with (queue name, message) for each message
     #: a store had taken but dropped because writing it failed.
     dropped: Optional[Callable[[bytes, bytes], object]]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections import deque
 from struct import Struct
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
-from mqmq.stores.base import Batch, StoredQueue
+from mqmq.stores.base import Batch, Entry, StoredQueue
 
 _UINT32 = Struct(">I")
 
@@ -57,10 +58,22 @@ class MemoryQueue:
     for packing.
     """
 
-    __slots__ = ("name", "_packed", "_tail", "_tail_bytes", "_count", "num_bytes")
+    __slots__ = ("name", "_packed", "_tail", "_tail_bytes", "_count", "num_bytes",
+                 "_returned", "_buried", "num_reserved", "num_buried", "_ids")
 
-    def __init__(self, name: bytes) -> None:
+    def __init__(self, name: bytes, ids: Optional[Iterator[int]] = None) -> None:
         self.name = name
+        # Messages that came back to the front (put back, released, their
+        # leases ended), with their ids and deliveries; before all others.
+        self._returned: deque[Entry] = deque()
+        # Acknowledged delivery: buried messages, oldest first; the reserved
+        # ones are the broker's to hold, counted here.
+        self._buried: deque[Entry] = deque()
+        self.num_reserved = 0
+        self.num_buried = 0
+        # Message ids, given as messages are first handed out (shared by the
+        # store's queues: unique among the messages it holds).
+        self._ids = ids if ids is not None else itertools.count(1)
         # Older messages: segments, and long (or returned) messages as they are.
         self._packed: deque[Union[bytes, _Segment]] = deque()
         self._tail: deque[bytes] = deque()
@@ -96,13 +109,17 @@ class MemoryQueue:
         """Put back a message that could not be delivered, to go out next."""
         self._count += 1
         self.num_bytes += len(message)
-        self._packed.appendleft(message)
+        self._returned.appendleft(Entry(0, message, 0))
 
     def pop(self) -> Optional[bytes]:
         """Remove and return the oldest message, or ``None`` when empty."""
         if not self._count:
             return None
         self._count -= 1
+        if self._returned:
+            message = self._returned.popleft().message
+            self.num_bytes -= len(message)
+            return message
         packed = self._packed
         if packed:
             oldest = packed[0]
@@ -120,6 +137,60 @@ class MemoryQueue:
         return message
 
 
+    # Acknowledged delivery ------------------------------------------------------
+
+    def front_deliveries(self) -> int:
+        return self._returned[0].deliveries if self._returned else 0
+
+    def reserve(self) -> Optional[Entry]:
+        if self._returned:
+            returned = self._returned.popleft()
+            self._count -= 1
+            self.num_bytes -= len(returned.message)
+            self.num_reserved += 1
+            return Entry(returned.message_id or next(self._ids), returned.message, returned.deliveries + 1)
+        message = self.pop()
+        if message is None:
+            return None
+        self.num_reserved += 1
+        return Entry(next(self._ids), message, 1)
+
+    def reserve_new(self, message: bytes) -> Entry:
+        self.num_reserved += 1
+        return Entry(next(self._ids), message, 1)
+
+    def reserve_again(self, entry: Entry) -> Entry:
+        return entry._replace(deliveries=entry.deliveries + 1)
+
+    def ack(self, entry: Entry) -> None:
+        self.num_reserved -= 1
+
+    def release(self, entry: Entry) -> None:
+        self.num_reserved -= 1
+        self._count += 1
+        self.num_bytes += len(entry.message)
+        self._returned.appendleft(entry)
+
+    def bury(self, entry: Entry) -> None:
+        self.num_reserved -= 1
+        self._buried.append(entry)
+        self.num_buried += 1
+
+    def bury_front(self) -> None:
+        buried = self._returned.popleft()
+        self._count -= 1
+        self.num_bytes -= len(buried.message)
+        self._buried.append(buried)
+        self.num_buried += 1
+
+    def kick(self, most: int) -> int:
+        kicked = min(most, len(self._buried))
+        for _ in range(kicked):
+            self.push(self._buried.popleft().message)
+        self.num_buried -= kicked
+        return kicked
+
+
 class MemoryStore:
     """Queues kept in this process's memory: fast, and gone with it."""
 
@@ -128,12 +199,16 @@ class MemoryStore:
     #: Why the store cannot take new messages; never, for memory.
     failure: Optional[str] = None
     durable = False
+    acknowledged_delivery = True
     dropped: Optional[Callable[[bytes, bytes], object]] = None
     #: Never called: every message is always at hand.
     arrived: Optional[Callable[[bytes], object]] = None
 
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+
     def queue(self, name: bytes) -> MemoryQueue:
-        return MemoryQueue(name)
+        return MemoryQueue(name, self._ids)
 
     def forget(self, queue: StoredQueue) -> None:
         pass
@@ -152,3 +227,4 @@ class MemoryStore:
 
     def describe(self) -> str:
         return "memory"
+

@@ -344,6 +344,8 @@ class SqliteStore:
 
     log = Logger()
     durable = True
+    #: Not yet: reservations are not kept in the database (issue 11).
+    acknowledged_delivery = False
 
     def __init__(
         self,

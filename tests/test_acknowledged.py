@@ -1,0 +1,210 @@
+"""Acknowledged delivery on the wire, rule by rule (docs/protocol.md,
+"Acknowledged (at-least-once) delivery"): fake transports, a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mqmq.broker.limits import Limits
+from wire import Connection, Server, sqlite_store
+
+OK = [b"OK"]
+UNKNOWN_ID = [b"Error", b"REQUEST_UNKNOWN_ID"]
+
+
+def reserved(connection: Connection) -> list[tuple[bytes, bytes, int]]:
+    """The (message, id, deliveries) of each Reserve reply since the last read."""
+    replies = connection.replies()
+    assert all(reply[0] == b"OK" and len(reply) == 4 for reply in replies), replies
+    return [(reply[1], reply[2], int(reply[3])) for reply in replies]
+
+
+def put(server: Server, queue: bytes, *messages: bytes) -> None:
+    producer = server.connect()
+    producer.send(*[[b"Put", queue, message] for message in messages])
+    assert producer.replies() == [OK] * len(messages)
+
+
+def test_a_reserved_message_stays_until_acked() -> None:
+    server = Server()
+    put(server, b"q", b"a", b"b")
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q", b"10", b"5000"])
+    [(message, message_id, deliveries)] = reserved(consumer)
+    assert (message, deliveries) == (b"a", 1)
+    assert server.broker.num_messages == 1 and server.broker.num_reserved == 1
+    consumer.send([b"Ack", b"q", message_id])
+    assert consumer.replies() == [OK]
+    # Gone for good: acked twice is an unknown id, and the connection stays open.
+    consumer.send([b"Ack", b"q", message_id], [b"Get", b"q"])
+    assert consumer.replies() == [UNKNOWN_ID, [b"OK", b"b"]]
+    assert server.broker.num_reserved == 0 and server.broker.num_bytes == 0
+
+
+def test_ids_are_unique_among_the_messages_held() -> None:
+    server = Server()
+    put(server, b"q", b"a", b"b")
+    put(server, b"r", b"c")
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q"], [b"Reserve", b"q"], [b"Reserve", b"r"])
+    ids = [message_id for _, message_id, _ in reserved(consumer)]
+    assert len(set(ids)) == 3
+    assert all(message_id.isdigit() and len(message_id) <= 64 for message_id in ids)
+
+
+def test_a_lease_that_runs_out_puts_the_message_back_at_the_front() -> None:
+    server = Server()
+    put(server, b"q", b"first", b"second")
+    lost, other = server.connect(), server.connect()
+    lost.send([b"Reserve", b"q", b"10", b"1000"])
+    [(_, message_id, _)] = reserved(lost)
+    server.clock.advance(0.999)
+    assert server.broker.num_reserved == 1
+    server.clock.advance(0.001)
+    # Back at the front, its deliveries counted; its old holder cannot ack it.
+    other.send([b"Reserve", b"q"])
+    assert reserved(other) == [(b"first", message_id, 2)]
+    lost.send([b"Ack", b"q", message_id])
+    assert lost.replies() == [UNKNOWN_ID]
+
+
+def test_touch_restarts_the_lease_but_not_once_it_has_run_out() -> None:
+    server = Server()
+    put(server, b"q", b"m")
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q", b"10", b"1000"])
+    [(_, message_id, _)] = reserved(consumer)
+    server.clock.advance(0.9)
+    consumer.send([b"Touch", b"q", message_id, b"1000"])
+    assert consumer.replies() == [OK]
+    server.clock.advance(0.9)  # 1.8 s after the Reserve: still held
+    assert server.broker.num_reserved == 1 and server.broker.num_messages == 0
+    server.clock.advance(0.1)  # the touched lease ends
+    consumer.send([b"Touch", b"q", message_id, b"1000"])
+    assert consumer.replies() == [UNKNOWN_ID]
+    assert server.broker.num_messages == 1
+
+
+def test_release_goes_to_the_front_at_once_or_after_its_delay() -> None:
+    server = Server()
+    put(server, b"q", b"a", b"b", b"c")
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q"], [b"Reserve", b"q"])
+    (_, id_a, _), (_, id_b, _) = reserved(consumer)
+    consumer.send([b"Release", b"q", id_a], [b"Release", b"q", id_b, b"500"])
+    assert consumer.replies() == [OK, OK]
+    # Released with a delay, it is nobody's: no Ack, and not handed out yet.
+    consumer.send([b"Ack", b"q", id_b], [b"Get", b"q"], [b"Get", b"q"])
+    assert consumer.replies() == [UNKNOWN_ID, [b"OK", b"a"], [b"OK", b"c"]]
+    server.clock.advance(0.5)
+    consumer.send([b"Reserve", b"q"])
+    assert reserved(consumer) == [(b"b", id_b, 2)]
+
+
+def test_a_closed_connection_s_reservations_go_back_to_the_front_oldest_first() -> None:
+    server = Server()
+    put(server, b"q", b"1", b"2", b"3", b"4")
+    leaving, staying = server.connect(), server.connect()
+    leaving.send([b"Reserve", b"q"], [b"Reserve", b"q"], [b"Reserve", b"q"])
+    assert [message for message, _, _ in reserved(leaving)] == [b"1", b"2", b"3"]
+    leaving.close()
+    assert server.broker.num_reserved == 0
+    staying.send(*[[b"Get", b"q"]] * 4)
+    assert staying.replies() == [[b"OK", b"1"], [b"OK", b"2"], [b"OK", b"3"], [b"OK", b"4"]]
+
+
+def test_a_returning_reservation_goes_to_the_waiters_first_get_and_reserve_in_one_order() -> None:
+    server = Server()
+    holder, getter, reserver = server.connect(), server.connect(), server.connect()
+    put(server, b"q", b"m")
+    holder.send([b"Reserve", b"q", b"10", b"100"])
+    [(_, message_id, _)] = reserved(holder)
+    reserver.send([b"Reserve", b"q", b"5000"])
+    getter.send([b"Get", b"q", b"5000"])
+    server.clock.advance(0.1)  # the lease ends: the first waiter, a Reserve, takes it
+    assert reserved(reserver) == [(b"m", message_id, 2)]
+    put(server, b"q", b"next")  # the next, a Get
+    assert getter.replies() == [[b"OK", b"next"]]
+
+
+def test_a_poison_message_is_buried_at_the_delivery_limit_and_kick_brings_it_back() -> None:
+    server = Server(Limits(max_deliveries=2))
+    put(server, b"q", b"poison", b"fine")
+    consumer = server.connect()
+    for deliveries in (1, 2):
+        consumer.send([b"Reserve", b"q", b"10", b"100"])
+        assert [(message, count) for message, _, count in reserved(consumer)] == [(b"poison", deliveries)]
+        server.clock.advance(0.1)  # it crashed the consumer: the lease runs out
+    # A third hand-out would pass the limit: buried instead; the next one goes.
+    consumer.send([b"Reserve", b"q"])
+    assert [message for message, _, _ in reserved(consumer)] == [b"fine"]
+    assert server.broker.num_buried == 1 and server.broker.num_messages == 0
+    consumer.send([b"Get", b"q"])
+    server.clock.advance(0.001)
+    assert consumer.replies() == [[b"Timeout"]]
+    consumer.send([b"Kick", b"q", b"10"], [b"Kick", b"q"])
+    assert consumer.replies() == [[b"OK", b"1"], [b"OK", b"0"]]
+    consumer.send([b"Reserve", b"q"])
+    assert [(message, deliveries) for message, _, deliveries in reserved(consumer)] == [(b"poison", 1)]
+
+
+def test_kick_brings_back_the_oldest_buried_first_to_the_back() -> None:
+    server = Server()
+    put(server, b"q", b"x", b"y", b"z")
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q"], [b"Reserve", b"q"])
+    (_, id_x, _), (_, id_y, _) = reserved(consumer)
+    consumer.send([b"Bury", b"q", id_x], [b"Bury", b"q", id_y], [b"Bury", b"q", id_y])
+    assert consumer.replies() == [OK, OK, UNKNOWN_ID]
+    consumer.send([b"Kick", b"q", b"0"])  # below 1 means 1: x
+    assert consumer.replies() == [[b"OK", b"1"]]
+    consumer.send(*[[b"Get", b"q"]] * 3)
+    server.clock.advance(0.001)
+    assert consumer.replies() == [[b"OK", b"z"], [b"OK", b"x"], [b"Timeout"]]
+    assert server.broker.num_buried == 1
+
+
+@pytest.mark.parametrize("command", [b"Ack", b"Release", b"Touch", b"Bury"])
+def test_an_id_held_by_another_connection_or_on_another_queue_or_never_given_is_unknown(
+    command: bytes,
+) -> None:
+    server = Server()
+    put(server, b"q", b"m")
+    holder, other = server.connect(), server.connect()
+    holder.send([b"Reserve", b"q"])
+    [(_, message_id, _)] = reserved(holder)
+    other.send([command, b"q", message_id], [command, b"elsewhere", message_id],
+               [command, b"q", b"99"], [command, b"q", b"01"], [command, b"q", b"id"])
+    assert other.replies() == [UNKNOWN_ID] * 5
+    holder.send([command, b"elsewhere", message_id], [command, b"q", message_id])
+    assert holder.replies() == [UNKNOWN_ID, OK]
+    assert not other.closed and not holder.closed
+
+
+def test_limits_count_reserved_and_buried_messages_as_held() -> None:
+    server = Server(Limits(max_queued_messages=2))
+    put(server, b"q", b"a", b"b")
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q"], [b"Reserve", b"q"])
+    (_, id_a, _), _ = reserved(consumer)
+    consumer.send([b"Bury", b"q", id_a], [b"Put", b"q", b"c"])
+    assert consumer.replies() == [OK, [b"Error", b"SERVER_STORAGE_FULL"]]
+
+
+def test_a_reserve_that_times_out_answers_timeout() -> None:
+    server = Server()
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q", b"100"])
+    assert consumer.replies() == []
+    server.clock.advance(0.1)
+    assert consumer.replies() == [[b"Timeout"]]
+
+
+def test_the_sqlite_store_does_not_serve_reservations_yet(tmp_path: Path) -> None:
+    server = Server(store=sqlite_store(tmp_path / "q.db"), write_before_reading=True)
+    consumer = server.connect()
+    consumer.send([b"Reserve", b"q"])
+    assert consumer.replies() == [[b"Error", b"REQUEST_UNKNOWN_COMMAND"]]
+    assert consumer.closed
