@@ -208,3 +208,54 @@ def test_the_sqlite_store_does_not_serve_reservations_yet(tmp_path: Path) -> Non
     consumer.send([b"Reserve", b"q"])
     assert consumer.replies() == [[b"Error", b"REQUEST_UNKNOWN_COMMAND"]]
     assert consumer.closed
+
+
+def info(connection: Connection) -> bytes:
+    connection.send([b"Info"])
+    [[ok, body]] = connection.replies()
+    assert ok == b"OK"
+    return body
+
+
+def test_info_is_the_original_s_until_a_message_is_reserved_then_counts_reserved_and_buried() -> None:
+    server = Server()
+    put(server, b"a", b"1", b"2", b"3")
+    consumer = server.connect()
+    consumer.send([b"Get", b"a"])
+    consumer.replies()
+    assert info(consumer) == (b'{"NumConnections":2,"NumQueues":1,"NumMessages":2,'
+                              b'"Queues":{"a":{"NumMessages":2}}}')
+    consumer.send([b"Reserve", b"a"], [b"Reserve", b"a"])
+    [_, (_, second, _)] = reserved(consumer)
+    consumer.send([b"Bury", b"a", second])
+    consumer.replies()
+    consumer.send([b"Get", b"b", b"1"])  # a second queue, empty
+    server.clock.advance(0.001)
+    consumer.replies()
+    assert info(consumer) == (
+        b'{"NumConnections":2,"NumQueues":2,"NumMessages":0,'
+        b'"Queues":{"a":{"NumMessages":0,"NumReserved":1,"NumBuried":1},'
+        b'"b":{"NumMessages":0,"NumReserved":0,"NumBuried":0}},"NumReserved":1,"NumBuried":1}'
+    )
+    # And from then on, even with nothing reserved or buried.
+    consumer.close()
+    other = server.connect()
+    other.send([b"Kick", b"a", b"5"], [b"Get", b"a"], [b"Get", b"a"])
+    assert other.replies() == [[b"OK", b"1"], [b"OK", b"2"], [b"OK", b"3"]]
+    assert info(other).endswith(b'"NumReserved":0,"NumBuried":0}')
+
+
+def test_the_extended_info_is_read_back_and_shown() -> None:
+    from mqmq.wire.info import ServerInfo
+
+    body = (b'{"NumConnections":2,"NumQueues":1,"NumMessages":3,'
+            b'"Queues":{"a":{"NumMessages":3,"NumReserved":1,"NumBuried":2}},"NumReserved":1,"NumBuried":2}')
+    info = ServerInfo.from_json(body)
+    assert (info.num_reserved, info.num_buried, info.reserved, info.buried) == (1, 2, {"a": 1}, {"a": 2})
+    assert info.format_text().splitlines()[3:] == [
+        "Number of reserved messages: 1", "Number of buried messages: 2",
+        "Queues:", "        a: 3 (reserved 1, buried 2)",
+    ]
+    plain = ServerInfo.from_json(b'{"NumConnections":0,"NumQueues":1,"NumMessages":3,'
+                                 b'"Queues":{"a":{"NumMessages":3}}}')
+    assert plain.format_text().splitlines()[3:] == ["Queues:", "        a: 3"]

@@ -22,6 +22,8 @@ from mqmq.wire.info import (
     ENTRY_OVERHEAD,
     INFO_END,
     ServerInfo,
+    encode_extended_end,
+    encode_extended_entry,
     encode_info_entry,
     encode_info_header,
     queue_name_text,
@@ -584,13 +586,14 @@ class Broker(service.Service):
         return _INFO_FIXED_BYTES + self._names_bytes + count * (2 + ENTRY_OVERHEAD + 1) - min(count, 1)
 
     def info_json(self) -> bytes:
-        """The ``Info`` reply body, as the original server encodes it, built at once."""
+        """The ``Info`` reply body, as the original server encodes it, built at once
+        (extended with reserved and buried counts once reservations were seen)."""
         queues = self._queues
-        entries = b",".join([encode_info_entry(name, len(queues[name].messages))
-                             for name in self._sorted_names])
+        extended = self.reservations_seen
+        entries = b",".join([_info_entry(name, queues[name], extended) for name in self._sorted_names])
         return (
             encode_info_header(self.num_connections, len(queues), self.num_messages)
-            + entries + INFO_END
+            + entries + _info_end(self.num_reserved, self.num_buried, extended)
         )
 
     def build_info(self, max_bytes: int) -> defer.Deferred[list[bytes]]:
@@ -828,6 +831,17 @@ class Broker(service.Service):
         return super().stopService()
 
 
+def _info_entry(name: bytes, queue: QueueState, extended: bool) -> bytes:
+    if extended:
+        return encode_extended_entry(name, len(queue.messages), queue.reserved, queue.buried)
+    return encode_info_entry(name, len(queue.messages))
+
+
+def _info_end(reserved: int, buried: int, extended: bool) -> bytes:
+    # Until acknowledged delivery is used, the original's Info, byte for byte.
+    return encode_extended_end(reserved, buried) if extended else INFO_END
+
+
 def _info_too_large(size: str, max_bytes: int) -> errors.RequestError:
     return errors.RequestError(
         errors.INFO_TOO_LARGE,
@@ -846,6 +860,11 @@ class _InfoBuild:
         self.num_queues = 0
         self.size = _INFO_FIXED_BYTES
         self.num_messages = 0
+        self.num_reserved = 0
+        self.num_buried = 0
+        # Whether its entries carry reserved and buried counts: decided once,
+        # so that every entry of one Info has the same keys.
+        self.extended = broker.reservations_seen
         # The last name written: the next slice starts after it, so queues
         # added or forgotten meanwhile shift nothing.
         self.after: Optional[bytes] = None
@@ -869,11 +888,13 @@ class _InfoBuild:
         index = start
         while index < stop and slice_bytes < INFO_SLICE_BYTES:
             name = names[index]
-            count = len(queues[name].messages)
-            entry = encode_info_entry(name, count)
+            queue = queues[name]
+            entry = _info_entry(name, queue, self.extended)
             entries.append(entry)
             slice_bytes += len(entry) + 1
-            self.num_messages += count
+            self.num_messages += len(queue.messages)
+            self.num_reserved += queue.reserved
+            self.num_buried += queue.buried
             index += 1
         if entries:
             self.pieces.append((b"," if self.pieces else b"") + b",".join(entries))
@@ -888,7 +909,8 @@ class _InfoBuild:
             self.timer = self.broker.clock.callLater(0, self._step)
             return
         header = encode_info_header(self.broker.num_connections, self.num_queues, self.num_messages)
-        pieces, self.pieces = [header, *self.pieces, INFO_END], []
+        end = _info_end(self.num_reserved, self.num_buried, self.extended)
+        pieces, self.pieces = [header, *self.pieces, end], []
         size = sum(map(len, pieces))
         if size > self.max_bytes:
             self.deferred.errback(_info_too_large(f"{size} bytes", self.max_bytes))

@@ -75,6 +75,12 @@ class ServerInfo:
     num_messages: int
     #: Messages waiting in each queue, by name.
     queues: Mapping[str, int] = field(default_factory=dict)
+    #: Acknowledged delivery (an extended Info; 0 and empty otherwise):
+    #: messages reserved and buried, in all and by queue.
+    num_reserved: int = 0
+    num_buried: int = 0
+    reserved: Mapping[str, int] = field(default_factory=dict)
+    buried: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, raw: bytes) -> ServerInfo:
@@ -84,15 +90,19 @@ class ServerInfo:
         """
         try:
             document: Any = json.loads(raw, **_JSON_OPTIONS)
-            queues = {
-                str(name): int(entry["NumMessages"])
-                for name, entry in (document.get("Queues") or {}).items()
-            }
+            entries = (document.get("Queues") or {}).items()
+            queues = {str(name): int(entry["NumMessages"]) for name, entry in entries}
             return cls(
                 num_connections=int(document["NumConnections"]),
                 num_queues=int(document["NumQueues"]),
                 num_messages=int(document["NumMessages"]),
                 queues=queues,
+                num_reserved=int(document.get("NumReserved", 0)),
+                num_buried=int(document.get("NumBuried", 0)),
+                reserved={str(name): int(entry["NumReserved"]) for name, entry in entries
+                          if "NumReserved" in entry},
+                buried={str(name): int(entry["NumBuried"]) for name, entry in entries
+                        if "NumBuried" in entry},
             )
         # OverflowError: a number like 1e400; RecursionError: absurdly deep nesting.
         except (
@@ -107,9 +117,17 @@ class ServerInfo:
             f"Number of queues: {self.num_queues}",
             f"Number of messages: {self.num_messages}",
         ]
+        extended = bool(self.reserved or self.buried or self.num_reserved or self.num_buried)
+        if extended:
+            # Only from a server whose Info is extended: else the original's layout.
+            lines.append(f"Number of reserved messages: {self.num_reserved}")
+            lines.append(f"Number of buried messages: {self.num_buried}")
         if self.queues:
             lines.append("Queues:")
-            lines.extend(f"        {name}: {count}" for name, count in self.queues.items())
+            for name, count in self.queues.items():
+                held = (f" (reserved {self.reserved.get(name, 0)}, buried {self.buried.get(name, 0)})"
+                        if extended else "")
+                lines.append(f"        {name}: {count}{held}")
         return "\n".join(lines) + "\n"
 
 
@@ -146,6 +164,17 @@ INFO_END = b"}}"
 def encode_info_entry(name: bytes, count: int) -> bytes:
     """One queue's entry in ``Info`` JSON, without the comma between entries."""
     return queue_key(name) + b"%d}" % count
+
+
+def encode_extended_entry(name: bytes, count: int, reserved: int, buried: int) -> bytes:
+    """A queue's entry in the extended ``Info`` (once acknowledged delivery
+    was used): ``NumReserved`` and ``NumBuried`` after ``NumMessages``."""
+    return queue_key(name) + b'%d,"NumReserved":%d,"NumBuried":%d}' % (count, reserved, buried)
+
+
+def encode_extended_end(reserved: int, buried: int) -> bytes:
+    """What closes the extended ``Info`` JSON: the totals after ``Queues``."""
+    return b'},"NumReserved":%d,"NumBuried":%d}' % (reserved, buried)
 
 
 def encode_info(num_connections: int, num_messages: int, queues: Mapping[bytes, int]) -> bytes:
