@@ -443,6 +443,10 @@ class Broker(service.Service):
         queue = self._queue(queue_name, limited=False)
         for message in reversed(messages) if front else messages:
             if type(message) is Entry:
+                if self._max_deliveries and message.deliveries >= self._max_deliveries:
+                    # Handed out as many times as allowed: buried, not ready.
+                    self._bury_reserved(queue, message)
+                    continue
                 # A reservation back to the front, ready again.
                 if not queue.messages:
                     self._idle.pop(queue.name, None)
