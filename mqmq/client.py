@@ -31,7 +31,23 @@ from mqmq.wire.codec import (
     encode_frame,
     max_frame_length,
 )
-from mqmq.wire.commands import ERROR, GET, INFO, OK, PUT, QUIT, TIMEOUT, MAX_TIMEOUT_MS
+from mqmq.wire.commands import (
+    ACK,
+    BURY,
+    ERROR,
+    GET,
+    INFO,
+    KICK,
+    MAX_LEASE_MS,
+    MAX_TIMEOUT_MS,
+    OK,
+    PUT,
+    QUIT,
+    RELEASE,
+    RESERVE,
+    TIMEOUT,
+    TOUCH,
+)
 from mqmq.wire.framing import FrameReceiver
 from mqmq.wire.info import ServerInfo
 
@@ -60,6 +76,26 @@ def _reply_info(values: list[bytes]) -> ServerInfo:
     if values[0] != OK or len(values) < 2:
         raise errors.BadResponse(f"unexpected reply to Info: {values[:2]!r}")
     return ServerInfo.from_json(values[1])
+
+
+def _unsupported(failure: Failure) -> Failure:
+    # The original server (or one whose store keeps no reservations) does not
+    # know the command: it says so, and closes the connection.
+    if failure.check(errors.ServerError) and failure.value.error_type == errors.UNKNOWN_COMMAND:
+        raise errors.AcknowledgedDeliveryUnsupported(
+            "the server does not support acknowledged delivery (Reserve, Ack, ...): "
+            "it is the original mqmq, or its store does not keep reservations"
+        )
+    return failure
+
+
+def _milliseconds(seconds: float, what: str, least: int, most: int) -> int:
+    """Seconds as the whole milliseconds a request carries, checked against
+    what the server takes."""
+    # Written so that NaN is refused too.
+    if not least / 1000 <= seconds <= most / 1000:
+        raise errors.InvalidArgument(f"{what} of {seconds} s: want {least / 1000:g} to {most / 1000:g} s")
+    return max(round(seconds * 1_000_000_000) // 1_000_000, least)
 
 
 class _Request:
@@ -205,6 +241,82 @@ class MQClient(FrameReceiver):
         wait = max(milliseconds, 1) / 1000
         return self._send([GET, name, b"%d" % milliseconds], _reply_message, wait)
 
+    # Acknowledged delivery (our extension; the original server refuses it,
+    # and these fail with AcknowledgedDeliveryUnsupported) --------------------
+
+    def reserve(self, queue: QueueName, timeout: float = 0.0, lease: float = 30.0) -> defer.Deferred[Delivery]:
+        """Take the oldest message of a queue as :meth:`get` does, but keep it
+        reserved for ``lease`` seconds until acked (see :class:`Delivery`):
+        if this connection closes or the lease runs out first, the server
+        hands it out again.
+
+        Fails with :class:`~mqmq.errors.GetTimeout` if none arrived in time.
+        """
+        try:
+            name = _queue_name(queue)
+            if not timeout <= MAX_TIMEOUT_MS / 1000:
+                raise errors.InvalidArgument(f"timeout of {timeout} s is above one hour")
+            lease_ms = _milliseconds(lease, "lease", 1, MAX_LEASE_MS)
+        except errors.InvalidArgument:
+            return defer.fail()
+        milliseconds = round(max(timeout, 0) * 1_000_000_000) // 1_000_000
+
+        def read(values: list[bytes]) -> Delivery:
+            if values[0] == TIMEOUT:
+                raise errors.GetTimeout("no message arrived before the timeout")
+            if values[0] != OK or len(values) < 4 or not values[3].isdigit():
+                raise errors.BadResponse(f"unexpected reply to Reserve: {values[:1]!r}")
+            return Delivery(self, name, values[1], values[2], int(values[3]))
+
+        sent = self._send([RESERVE, name, b"%d" % milliseconds, b"%d" % lease_ms], read,
+                          max(milliseconds, 1) / 1000)
+        return sent.addErrback(_unsupported)
+
+    def _about(self, command: bytes, queue: QueueName, message_id: bytes, *more: bytes) -> defer.Deferred[None]:
+        try:
+            name = _queue_name(queue)
+        except errors.InvalidArgument:
+            return defer.fail()
+        return self._send([command, name, bytes(message_id), *more], _reply_ok).addErrback(_unsupported)
+
+    def ack(self, queue: QueueName, message_id: bytes) -> defer.Deferred[None]:
+        """Done with a reserved message: the server deletes it for good."""
+        return self._about(ACK, queue, message_id)
+
+    def release(self, queue: QueueName, message_id: bytes, delay: float = 0.0) -> defer.Deferred[None]:
+        """Give a reserved message back, to the front of its queue, at once or after ``delay`` seconds."""
+        try:
+            delay_ms = _milliseconds(delay, "delay", 0, MAX_LEASE_MS)
+        except errors.InvalidArgument:
+            return defer.fail()
+        return self._about(RELEASE, queue, message_id, b"%d" % delay_ms)
+
+    def touch(self, queue: QueueName, message_id: bytes, lease: float = 30.0) -> defer.Deferred[None]:
+        """Restart a reservation's lease: ``lease`` seconds from now."""
+        try:
+            lease_ms = _milliseconds(lease, "lease", 1, MAX_LEASE_MS)
+        except errors.InvalidArgument:
+            return defer.fail()
+        return self._about(TOUCH, queue, message_id, b"%d" % lease_ms)
+
+    def bury(self, queue: QueueName, message_id: bytes) -> defer.Deferred[None]:
+        """Set a reserved message aside, never handed out until kicked."""
+        return self._about(BURY, queue, message_id)
+
+    def kick(self, queue: QueueName, count: int = 1) -> defer.Deferred[int]:
+        """Bring back up to ``count`` buried messages to the back of the queue; fires with how many came back."""
+        try:
+            name = _queue_name(queue)
+        except errors.InvalidArgument:
+            return defer.fail()
+
+        def read(values: list[bytes]) -> int:
+            if values[0] != OK or len(values) < 2 or not values[1].isdigit():
+                raise errors.BadResponse(f"unexpected reply to Kick: {values[:2]!r}")
+            return int(values[1])
+
+        return self._send([KICK, name, b"%d" % max(int(count), 1)], read).addErrback(_unsupported)
+
     def info(self) -> defer.Deferred[ServerInfo]:
         """Connections, queues and messages on the server."""
         return self._send([INFO], _reply_info)
@@ -270,6 +382,44 @@ class MQClient(FrameReceiver):
                 errors.ConnectionClosed(f"connection closed before the reply: {reason.getErrorMessage()}")
             )
         super().connectionLost(reason)
+
+
+class Delivery:
+    """A message handed out by :meth:`MQClient.reserve`: the server keeps it
+    until one of :meth:`ack`, :meth:`release` or :meth:`bury` (each returns
+    a Deferred that fires once the server answered)."""
+
+    __slots__ = ("client", "queue", "message", "message_id", "deliveries")
+
+    def __init__(self, client: MQClient, queue: bytes, message: bytes, message_id: bytes, deliveries: int) -> None:
+        self.client = client
+        #: The queue it came from, as bytes.
+        self.queue = queue
+        self.message = message
+        #: The server's id for it (ASCII, at most 64 bytes).
+        self.message_id = message_id
+        #: How many times it has been handed out, this time included.
+        self.deliveries = deliveries
+
+    def ack(self) -> defer.Deferred[None]:
+        """Done with: the server deletes it."""
+        return self.client.ack(self.queue, self.message_id)
+
+    def release(self, delay: float = 0.0) -> defer.Deferred[None]:
+        """Not done: back to the front of its queue, at once or after ``delay`` seconds."""
+        return self.client.release(self.queue, self.message_id, delay)
+
+    def touch(self, lease: float = 30.0) -> defer.Deferred[None]:
+        """Still working on it: its lease starts again, ``lease`` seconds from now."""
+        return self.client.touch(self.queue, self.message_id, lease)
+
+    def bury(self) -> defer.Deferred[None]:
+        """Set aside until kicked (a message that cannot be handled)."""
+        return self.client.bury(self.queue, self.message_id)
+
+    def __repr__(self) -> str:
+        return (f"<Delivery {self.message_id.decode('ascii', 'replace')} of {self.queue!r}, "
+                f"{len(self.message)} bytes, delivery {self.deliveries}>")
 
 
 def connect(

@@ -68,6 +68,12 @@ class ConnectionClosed(MQError):
     """The connection closed before the server answered the request."""
 
 
+class AcknowledgedDeliveryUnsupported(MQError):
+    """The server does not serve ``Reserve`` and its kin (the original Go
+    server, or a store that does not keep reservations): it answered
+    ``REQUEST_UNKNOWN_COMMAND`` and closed the connection."""
+
+
 class InvalidArgument(MQError, ValueError):
     """The client refused to send a request the server would reject."""
 
