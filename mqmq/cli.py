@@ -164,15 +164,21 @@ class PutOptions(_AddressOptions):
 
 
 class GetOptions(_AddressOptions):
-    synopsis = "[--addr HOST:PORT] [--timeout DURATION] [--max-message-bytes SIZE] QUEUE"
+    synopsis = "[--addr HOST:PORT] [--timeout DURATION] [--no-ack] [--max-message-bytes SIZE] QUEUE"
     longdesc = (
         "Takes the oldest message of QUEUE and writes its bytes to standard "
         "output, waiting up to DURATION for one. Exits with status "
-        f"{EXIT_TIMEOUT} if none arrived in time."
+        f"{EXIT_TIMEOUT} if none arrived in time. The message is reserved, and "
+        "acknowledged only once written and flushed: if writing fails it goes "
+        "back to the queue. A server without acknowledged delivery (the "
+        "original mqmq) is asked with a plain Get."
     )
     optParameters: list[list[Any]] = [
         ["timeout", "t", "0s", "How long to wait for a message: a Go duration such as 500ms, 5s, 1m."],
         _MAX_MESSAGE_OPTION,
+    ]
+    optFlags = [
+        ["no-ack", None, "Take it with a plain Get: removed as it is sent, whatever becomes of it."],
     ]
 
     def parseArgs(self, queue: str) -> None:  # type: ignore[override]
@@ -188,6 +194,18 @@ class GetOptions(_AddressOptions):
             raise usage.UsageError(f"timeout {self['timeout']} is above one hour")
 
 
+class KickOptions(_AddressOptions):
+    synopsis = "[--addr HOST:PORT] QUEUE [COUNT]"
+    longdesc = ("Brings back up to COUNT (default 1) buried messages of QUEUE, the oldest "
+                "first, to its back; prints how many came back.")
+
+    def parseArgs(self, queue: str, count: str = "1") -> None:  # type: ignore[override]
+        self["queue"] = _queue_name(queue)
+        if not count.isdigit() or int(count) < 1:
+            raise usage.UsageError(f"COUNT must be a whole number of messages, 1 or more, not {count!r}")
+        self["count"] = int(count)
+
+
 class Options(tap.VersionOption, usage.Options):
     synopsis = "mqmq"
     longdesc = (
@@ -199,11 +217,12 @@ class Options(tap.VersionOption, usage.Options):
         ["info", None, InfoOptions, "Show a server's connections, queues and messages."],
         ["put", None, PutOptions, "Put a message on a queue."],
         ["get", None, GetOptions, "Take a message from a queue."],
+        ["kick", None, KickOptions, "Bring buried messages back to a queue."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("missing command: one of start, info, put, get")
+            raise usage.UsageError("missing command: one of start, info, put, get, kick")
 
 
 def _go_style_flags(argv: Sequence[str]) -> list[str]:
@@ -284,6 +303,13 @@ def _start(options: StartOptions) -> NoReturn:
 
 def _write_output(write: Callable[[], object]) -> None:
     """Write to standard output and flush; a failure is one ``mqmq:`` line."""
+    failed = _try_output(write)
+    if failed is not None:
+        _fail(failed)
+
+
+def _try_output(write: Callable[[], object]) -> Optional[str]:
+    """Write to standard output and flush; what went wrong, if anything."""
     try:
         write()
         sys.stdout.flush()
@@ -293,7 +319,42 @@ def _write_output(write: Callable[[], object]) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        _fail(f"cannot write to standard output: {error.strerror or error}")
+        return f"cannot write to standard output: {error.strerror or error}"
+    return None
+
+
+#: Seconds ``mqmq get`` holds a reservation while it writes the message out.
+GET_LEASE = 300.0
+
+
+async def _get(reactor: Any, client: MQClient, sub: usage.Options) -> MQClient:
+    """``mqmq get``: reserve, write, then ack (or a plain Get); returns the
+    client to disconnect (a new one if the server refused Reserve)."""
+    if not sub["no-ack"]:
+        try:
+            delivery = await client.reserve(sub["queue"], sub["seconds"], GET_LEASE)
+        except errors.AcknowledgedDeliveryUnsupported:
+            # The original server closed the connection: ask again, plainly.
+            client = await connect(reactor, sub["addr"], max_message_bytes=sub["max-message-bytes"])
+        except errors.GetTimeout:
+            await client.disconnect()
+            raise SystemExit(EXIT_TIMEOUT)
+        else:
+            failed = _try_output(lambda: sys.stdout.buffer.write(delivery.message))
+            if failed is not None:
+                # Not written: back to its queue for someone else.
+                await delivery.release()
+                await client.disconnect()
+                _fail(failed + " (the message stays in its queue)")
+            await delivery.ack()
+            return client
+    try:
+        message_bytes = await client.get(sub["queue"], sub["seconds"])
+    except errors.GetTimeout:
+        await client.disconnect()
+        raise SystemExit(EXIT_TIMEOUT)
+    _write_output(lambda: sys.stdout.buffer.write(message_bytes))
+    return client
 
 
 def _read_message(limit: int) -> bytes:
@@ -343,12 +404,10 @@ async def _client_command(reactor: Any, options: usage.Options, message: Optiona
             assert message is not None
             await client.put(sub["queue"], message)
         elif command == "get":
-            try:
-                message_bytes = await client.get(sub["queue"], sub["seconds"])
-            except errors.GetTimeout:
-                await client.disconnect()
-                raise SystemExit(EXIT_TIMEOUT)
-            _write_output(lambda: sys.stdout.buffer.write(message_bytes))
+            client = await _get(reactor, client, sub)
+        elif command == "kick":
+            kicked = await client.kick(sub["queue"], sub["count"])
+            _write_output(lambda: sys.stdout.write(f"{kicked}\n"))
         await client.disconnect()
     except errors.MQError as error:
         _fail(_server_error(error, command, len(message or b"")))

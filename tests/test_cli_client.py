@@ -12,6 +12,7 @@ import subprocess
 import termios
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -103,6 +104,54 @@ def test_a_failed_write_to_stdout_is_one_line(
     # One line: no traceback, and no "Exception ignored" from Python's exit.
     line = assert_one_error_line(result)
     assert "standard output" in line and os.strerror(28) in line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_message_get_could_not_write_stays_in_its_queue(
+    procs: Processes, server: tuple[str, int]
+) -> None:
+    addr, port = server
+    assert procs.mqmq("put", "-addr", addr, "q", "precious").returncode == 0
+    with open("/dev/full", "wb") as full:
+        result = procs.mqmq("get", "-addr", addr, "q", stdout=full.fileno())
+    assert result.returncode == EXIT_FAILURE
+    assert "stays in its queue" in assert_one_error_line(result)
+    assert raw_info(port)["Queues"]["q"]["NumMessages"] == 1
+    assert procs.mqmq("get", "-addr", addr, "q").stdout == b"precious"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_get_no_ack_takes_it_with_a_plain_get(procs: Processes, server: tuple[str, int]) -> None:
+    addr, port = server
+    assert procs.mqmq("put", "-addr", addr, "q", "gone").returncode == 0
+    with open("/dev/full", "wb") as full:
+        result = procs.mqmq("get", "-addr", addr, "--no-ack", "q", stdout=full.fileno())
+    assert result.returncode == EXIT_FAILURE
+    # At most once: the message went out with the reply, and is gone.
+    assert raw_info(port)["Queues"] == {"q": {"NumMessages": 0}}
+
+
+def test_get_falls_back_to_a_plain_get_where_reserve_is_not_served(
+    procs: Processes, tmp_path: Path
+) -> None:
+    # The SQLite store does not keep reservations yet: its server refuses
+    # Reserve as an unknown command and closes, as the original server does.
+    _, addr, _ = procs.start_server("--store", f"sqlite:{tmp_path / 'q.db'}")
+    assert procs.mqmq("put", "-addr", addr, "q", "old style").returncode == 0
+    result = procs.mqmq("get", "-addr", addr, "q")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"old style", b"")
+    kick = procs.mqmq("kick", "-addr", addr, "q")
+    assert kick.returncode == EXIT_FAILURE
+    assert "does not support acknowledged delivery" in assert_one_error_line(kick)
+
+
+def test_kick_prints_how_many_came_back(procs: Processes, server: tuple[str, int]) -> None:
+    addr, _ = server
+    kick = procs.mqmq("kick", "-addr", addr, "q", "3")
+    assert (kick.returncode, kick.stdout, kick.stderr) == (0, b"0\n", b"")
+    bad = procs.mqmq("kick", "-addr", addr, "q", "none")
+    assert bad.returncode == EXIT_USAGE
+    assert "COUNT" in assert_one_error_line(bad)
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------

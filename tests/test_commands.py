@@ -13,11 +13,17 @@ from mqmq import errors
 from mqmq.wire.commands import (
     MAX_TIMEOUT_MS,
     MIN_TIMEOUT_MS,
+    Ack,
+    Bury,
     Command,
     Get,
     Info,
+    Kick,
     Put,
     Quit,
+    Release,
+    Reserve,
+    Touch,
     parse_request,
     parse_timeout,
 )
@@ -169,6 +175,8 @@ def test_request_error_carries_type_and_message() -> None:
 @given(st.lists(st.binary(max_size=12), max_size=5))
 @example([])
 @example([b"Get", b"q", b"-"])
+@example([b"Kick", b"q"])
+@example([b"Ack", b"q", b"\xff"])
 def test_parse_request_never_fails_otherwise(values: list[bytes]) -> None:
     try:
         command = parse_request(values)
@@ -178,10 +186,13 @@ def test_parse_request_never_fails_otherwise(values: list[bytes]) -> None:
             errors.BAD_PARAMS,
             errors.BAD_QUEUE_NAME,
             errors.BAD_TIMEOUT,
+            errors.BAD_LEASE,
+            errors.UNKNOWN_ID,
         }
         return
-    assert isinstance(command, (Put, Get, Info, Quit))
-    assert values[0] in {b"Put", b"Get", b"Info", b"Quit"}
+    assert isinstance(command, (Put, Get, Info, Quit, Reserve, Ack, Release, Touch, Bury, Kick))
+    assert values[0] in {b"Put", b"Get", b"Info", b"Quit",
+                         b"Reserve", b"Ack", b"Release", b"Touch", b"Bury", b"Kick"}
 
 
 # Timeouts, as Go's strconv.Atoi

@@ -187,7 +187,8 @@ def test_in_process(subprocess_env: dict[str, str]) -> None:
     assert run_example(subprocess_env, "in_process.py").splitlines() == [
         "resize photo 42",
         "no more jobs",
-        "ServerInfo(num_connections=0, num_queues=1, num_messages=0, queues={'jobs': 0})",
+        "ServerInfo(num_connections=0, num_queues=1, num_messages=0, queues={'jobs': 0}, "
+        "num_reserved=0, num_buried=0, reserved={}, buried={})",
     ]
 
 
