@@ -153,6 +153,18 @@ def test_producer_and_consumer(spawn, subprocess_env: dict[str, str]) -> None:
     assert server.stop(signal.SIGINT) == 0
 
 
+def test_a_worker_acknowledges_what_it_handled(spawn, subprocess_env: dict[str, str]) -> None:
+    server = spawn(sys.executable, "-m", "mqmq", "start", "-addr", "127.0.0.1:0")
+    address = server.wait_for(r"starting server: (127\.0\.0\.1:\d+)$").group(1)
+    assert run_example(subprocess_env, "producer.py", address) == ""
+    handled = run_example(subprocess_env, "worker.py", address)
+    assert handled.splitlines() == [f"Message {i}" for i in range(10)]
+    host, port = address.split(":")
+    info = raw_info(socket.AF_INET, (host, int(port)))
+    assert (info["NumMessages"], info["NumReserved"]) == (0, 0)
+    assert server.stop(signal.SIGINT) == 0
+
+
 def test_embed_service_tac(spawn, tmp_path: Path, subprocess_env: dict[str, str]) -> None:
     path = tmp_path / "mqmq.sock"
     server = spawn(
