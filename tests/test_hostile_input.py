@@ -234,6 +234,16 @@ valid_frames = st.one_of(
     st.just(encode_frame([b"Info"])),
     st.just(encode_frame([b"Put", b"q"])),
     st.just(encode_frame([b"Get", b"n" * 1025, b"1"])),
+    # Acknowledged delivery: ids are small numbers, so some are this
+    # connection's own reservations; leases short and long, some refused.
+    st.builds(lambda q, t, lease: encode_frame([b"Reserve", q, t, lease]), names, timeouts,
+              st.sampled_from([b"1", b"250", b"30000", b"0", b"x"])),
+    st.builds(lambda command, q, message_id, extra: encode_frame([command, q, message_id, *extra]),
+              st.sampled_from([b"Ack", b"Release", b"Touch", b"Bury"]), names,
+              st.sampled_from([b"1", b"2", b"3", b"7", b"01", b"x", b"\xff"]),
+              st.sampled_from([[], [b"0"], [b"100"], [b"43200001"]])),
+    st.builds(lambda q, count: encode_frame([b"Kick", q, count]), names,
+              st.sampled_from([b"1", b"3", b"0", b"many"])),
 )
 junk = st.one_of(
     st.binary(max_size=30),
@@ -326,9 +336,18 @@ def check_books(world: World) -> None:
     queues = list(broker._queues.values())
     assert broker.num_queues == len(queues) <= LIMITS.max_queues
     assert broker.num_messages == sum(len(q.messages) for q in queues)
-    assert broker.num_bytes == sum(q.messages.num_bytes for q in queues)
-    # Only a message that could not be delivered may pass the storage limits.
-    assert broker.num_messages <= LIMITS.max_queued_messages + world.put_backs
+    # Held apart: reserved (delayed releases included) and buried messages.
+    reservations = [*broker._reservations.values(), *broker._delayed]
+    assert broker.num_reserved == len(reservations) == sum(q.reserved for q in queues)
+    buried = [entry for q in queues for entry in getattr(q.messages, "_buried", ())]
+    assert broker.num_buried == len(buried) == sum(q.buried for q in queues)
+    assert broker.num_bytes == (sum(q.messages.num_bytes for q in queues)
+                                + sum(len(r.entry.message) for r in reservations)
+                                + sum(len(entry.message) for entry in buried))
+    # Only a message that could not be delivered (or came back from a
+    # reservation) may pass the storage limits.
+    assert (broker.num_messages + broker.num_reserved + broker.num_buried
+            <= LIMITS.max_queued_messages + world.put_backs)
     for queue in queues:
         assert not (len(queue.messages) and queue.waiters), queue.name
     # Every waiter belongs to a connection that is still open.
@@ -366,8 +385,9 @@ def check_replies(world: World, acked: Counter[bytes], carried: Counter[bytes]) 
         if client.requests is None:
             for reply in replies:
                 assert reply[0] in (OK, ERROR, TIMEOUT), reply
-                if reply[0] == OK and len(reply) == 2:
-                    carried[reply[1]] += 1  # a message, or an Info: either way
+                if reply[0] == OK and len(reply) in (2, 4):
+                    # A message (a Get's or a Reserve's), an Info or a Kick's count.
+                    carried[reply[1]] += 1
             continue
         assert len(replies) <= len(client.requests)
         for request, reply in zip(client.requests, replies):
