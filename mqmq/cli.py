@@ -201,7 +201,7 @@ class KickOptions(_AddressOptions):
 
     def parseArgs(self, queue: str, count: str = "1") -> None:  # type: ignore[override]
         self["queue"] = _queue_name(queue)
-        if not count.isdigit() or int(count) < 1:
+        if not (count.isascii() and count.isdigit()) or int(count) < 1:
             raise usage.UsageError(f"COUNT must be a whole number of messages, 1 or more, not {count!r}")
         self["count"] = int(count)
 
@@ -345,7 +345,7 @@ async def _get(reactor: Any, client: MQClient, sub: usage.Options) -> MQClient:
                 # Not written: back to its queue for someone else.
                 await delivery.release()
                 await client.disconnect()
-                _fail(failed + " (the message stays in its queue)")
+                _fail(failed + " (the message was given back to the server)")
             await delivery.ack()
             return client
     try:

@@ -275,6 +275,8 @@ class MQClient(FrameReceiver):
     def _about(self, command: bytes, queue: QueueName, message_id: bytes, *more: bytes) -> defer.Deferred[None]:
         try:
             name = _queue_name(queue)
+            if not isinstance(message_id, (bytes, bytearray)):
+                raise errors.InvalidArgument(f"message ids are bytes (Delivery.message_id), not {message_id!r}")
         except errors.InvalidArgument:
             return defer.fail()
         return self._send([command, name, bytes(message_id), *more], _reply_ok).addErrback(_unsupported)
@@ -307,6 +309,8 @@ class MQClient(FrameReceiver):
         """Bring back up to ``count`` buried messages to the back of the queue; fires with how many came back."""
         try:
             name = _queue_name(queue)
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise errors.InvalidArgument(f"count is a whole number of messages, not {count!r}")
         except errors.InvalidArgument:
             return defer.fail()
 
@@ -315,7 +319,7 @@ class MQClient(FrameReceiver):
                 raise errors.BadResponse(f"unexpected reply to Kick: {values[:2]!r}")
             return int(values[1])
 
-        return self._send([KICK, name, b"%d" % max(int(count), 1)], read).addErrback(_unsupported)
+        return self._send([KICK, name, b"%d" % max(count, 1)], read).addErrback(_unsupported)
 
     def info(self) -> defer.Deferred[ServerInfo]:
         """Connections, queues and messages on the server."""

@@ -38,7 +38,7 @@ class Consumer:
     - While it runs, the reservation is touched every ``lease / 2`` seconds,
       so work longer than a lease keeps the message.
     - :meth:`stop` ends it once the message in hand (if any) is settled; a
-      ``Reserve`` still waiting is let finish, and what it brings released.
+      ``Reserve`` still waiting is let finish, and what it brings handled.
 
     :attr:`done` fires when it has stopped, or fails with what ended it (the
     connection closed, the server refused the commands).
@@ -110,9 +110,8 @@ class Consumer:
                 delivery = await self.client.reserve(self.queue, self.wait, self.lease)
             except errors.GetTimeout:
                 continue
-            if self._stopping:
-                await delivery.release()
-                return
+            # Handled even when stopping meanwhile: giving it back would count
+            # a delivery nobody made use of (and may bury it at --max-deliveries).
             await self._handle(delivery)
 
     async def _handle(self, delivery: Delivery) -> None:

@@ -259,3 +259,47 @@ def test_the_extended_info_is_read_back_and_shown() -> None:
     plain = ServerInfo.from_json(b'{"NumConnections":0,"NumQueues":1,"NumMessages":3,'
                                  b'"Queues":{"a":{"NumMessages":3}}}')
     assert plain.format_text().splitlines()[3:] == ["Queues:", "        a: 3"]
+
+
+def test_limits_hold_for_a_put_handed_to_a_waiting_reserve() -> None:
+    server = Server(Limits(max_queued_messages=2))
+    consumer, producer = server.connect(), server.connect()
+    for round_ in range(2):
+        consumer.send([b"Reserve", b"q", b"60000", b"60000"])
+        producer.send([b"Put", b"q", b"%d" % round_])
+        assert producer.replies() == [OK]
+    consumer.send([b"Reserve", b"q", b"60000", b"60000"])
+    producer.send([b"Put", b"q", b"one too many"])  # kept by the Reserve: it must fit
+    assert producer.replies() == [[b"Error", b"SERVER_STORAGE_FULL"]]
+    assert server.broker.num_reserved == 2
+
+
+def test_queues_emptied_by_acks_may_be_forgotten_and_kick_makes_none() -> None:
+    server = Server(Limits(max_queues=1))
+    client = server.connect()
+    client.send([b"Put", b"a", b"m"], [b"Reserve", b"a"])
+    [_, [ok, _, message_id, _]] = client.replies()
+    client.send([b"Ack", b"a", message_id], [b"Kick", b"elsewhere"], [b"Put", b"b", b"m"])
+    # a holds nothing once acked: forgotten for b; Kick made no queue.
+    assert client.replies() == [OK, [b"OK", b"0"], OK]
+    assert server.broker.num_queues == 1
+
+
+def test_a_queue_with_buried_or_reserved_messages_is_never_forgotten() -> None:
+    server = Server(Limits(max_queues=2))
+    client = server.connect()
+    client.send([b"Put", b"a", b"1"], [b"Put", b"b", b"2"], [b"Reserve", b"a"], [b"Reserve", b"b"])
+    replies = client.replies()
+    client.send([b"Bury", b"b", replies[3][2]], [b"Put", b"c", b"3"])
+    assert client.replies() == [OK, [b"Error", b"SERVER_TOO_MANY_QUEUES"]]
+
+
+@pytest.mark.parametrize("frame", [[b"Reserve", b"q"], [b"Ack", b"q", b"1"], [b"Release", b"q", b"1"],
+                                   [b"Touch", b"q", b"1"], [b"Bury", b"q", b"1"], [b"Kick", b"q"]])
+def test_a_store_without_reservations_knows_none_of_the_commands(tmp_path: Path, frame: list[bytes]) -> None:
+    server = Server(Limits(max_queues=1), store=sqlite_store(tmp_path / "q.db"), write_before_reading=True)
+    client = server.connect()
+    client.send(frame)
+    assert client.replies() == [[b"Error", b"REQUEST_UNKNOWN_COMMAND"]]
+    assert client.closed
+    assert server.broker.num_queues == 0  # and made no queue

@@ -121,15 +121,23 @@ def test_consume_acks_what_succeeds_and_releases_what_fails() -> None:
     assert server.broker.num_reserved == 0 and server.broker.num_messages == 0
 
 
-def test_a_consumer_stopped_while_a_reserve_waits_gives_back_what_it_brings() -> None:
-    server = MemoryServer()
+def test_a_consumer_stopped_while_its_reserve_waits_handles_what_it_brings() -> None:
+    server = MemoryServer(limits=Limits(max_deliveries=1))
     client = server.client()
-    handled: list[Any] = []
-    consumer = consume(client, "jobs", handled.append, wait=10)
+    handled: list[bytes] = []
+    consumer = consume(client, "jobs", lambda delivery: handled.append(delivery.message), wait=10)
     server.flush()
     stopping = consumer.stop()
     producer = server.client()
     producer.put("jobs", b"arrives")
     server.flush()
-    assert success(stopping) is None and handled == []
-    assert server.broker.num_messages == 1 and server.broker.num_reserved == 0
+    # Handled and acked, not given back (which at --max-deliveries 1 would bury it).
+    assert success(stopping) is None and handled == [b"arrives"]
+    assert server.broker.num_buried == 0 and server.broker.num_messages == 0
+
+
+def test_ids_and_counts_must_be_what_the_server_gave() -> None:
+    server = MemoryServer()
+    client = server.client()
+    failure(client.ack("jobs", 5), errors.InvalidArgument)  # type: ignore[arg-type]
+    failure(client.kick("jobs", float("nan")), errors.InvalidArgument)  # type: ignore[arg-type]

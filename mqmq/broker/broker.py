@@ -66,7 +66,7 @@ class QueueState:
     says they have arrived, and new messages wait behind them.
     """
 
-    __slots__ = ("name", "messages", "waiters", "reserved", "buried")
+    __slots__ = ("name", "messages", "waiters", "reserved", "buried", "reservers")
 
     def __init__(self, name: bytes, messages: StoredQueue) -> None:
         self.name = name
@@ -75,6 +75,8 @@ class QueueState:
         #: (released with a delay included), and those buried.
         self.reserved = 0
         self.buried = 0
+        #: Its waiters that are Reserves: a message handed to one is kept.
+        self.reservers = 0
         # An OrderedDict is an ordered set with O(1) removal of any waiter,
         # which a departing or timed-out waiter needs.
         self.waiters: OrderedDict[Waiter, None] = OrderedDict()
@@ -83,7 +85,15 @@ class QueueState:
         """Remove and return the waiter that has waited longest, if any."""
         if not self.waiters:
             return None
-        return self.waiters.popitem(last=False)[0]
+        waiter = self.waiters.popitem(last=False)[0]
+        if waiter.lease is not None:
+            self.reservers -= 1
+        return waiter
+
+    @property
+    def holds_nothing(self) -> bool:
+        """No message ready, reserved or buried, and nobody waiting: it may be forgotten."""
+        return not self.messages and not self.waiters and not self.reserved and not self.buried
 
 
 class Waiter:
@@ -278,7 +288,7 @@ class Broker(service.Service):
         while idle:
             name, _ = idle.popitem(last=False)
             queue = self._queues[name]
-            if not queue.messages and not queue.waiters and not queue.reserved and not queue.buried:
+            if queue.holds_nothing:
                 self.store.forget(queue.messages)
                 del self._queues[name]
                 del self._sorted_names[bisect_left(self._sorted_names, name)]
@@ -330,10 +340,11 @@ class Broker(service.Service):
             _check_name(queue_name)
             raise TypeError(f"messages are bytes, not {type(message).__name__}")
         existing = self._queues.get(queue_name)
-        if existing is None or not existing.waiters or existing.messages:
+        if existing is None or not existing.waiters or existing.messages or existing.reservers:
             # Before creating the queue: a refused Put leaves nothing behind.
             # (Waiters and messages at once: the store is fetching those, and
-            # this one will be stored behind them, so it must fit.)
+            # this one will be stored behind them, so it must fit.  A waiting
+            # Reserve keeps what it takes: that must fit too.)
             self._check_room(message)
         elif self.store.failure is not None:
             raise errors.RequestError(errors.STORAGE_ERROR, self.store.failure)
@@ -555,13 +566,18 @@ class Broker(service.Service):
         self._idle.pop(queue_name, None)
         waiter = Waiter(self, queue, present, lease, owner)
         queue.waiters[waiter] = None
+        if lease is not None:
+            queue.reservers += 1
         waiter.timer = self.clock.callLater(timeout, waiter._time_out, timeout)
         return waiter.deferred
 
     def _withdraw(self, waiter: Waiter) -> None:
         queue = waiter.queue
-        queue.waiters.pop(waiter, None)
-        if not queue.messages and not queue.waiters:
+        if waiter in queue.waiters:
+            del queue.waiters[waiter]
+            if waiter.lease is not None:
+                queue.reservers -= 1
+        if queue.holds_nothing:
             self._touch_idle(queue)
 
     def get(self, queue_name: bytes, timeout: float) -> defer.Deferred[bytes]:
@@ -637,27 +653,29 @@ class Broker(service.Service):
     # Released, or when its lease ends or its owner's connection closes, it
     # goes back to the front of its queue, to the waiters first.
 
-    def _reserving(self, queue: QueueState) -> ReservingQueue:
+    def check_acknowledged_delivery(self) -> None:
+        """:raises RequestError: ``REQUEST_UNKNOWN_COMMAND`` when the store does
+        not keep reservations (as the original server knows no such command)."""
         if not self.store.acknowledged_delivery:
             raise errors.RequestError(
                 errors.UNKNOWN_COMMAND,
                 f"the store ({self.store.describe()}) does not keep reservations yet",
             )
-        return cast(ReservingQueue, queue.messages)
 
     def reserve_now(self, queue_name: bytes, lease: float, owner: object) -> Optional[Entry]:
         """Reserve the oldest message of a queue for ``owner`` for ``lease``
         seconds, or ``None`` if it has none at hand (``wait_reserve`` then)."""
         _check_name(queue_name)
+        self.check_acknowledged_delivery()
         queue = self._queue(queue_name)
-        messages = self._reserving(queue)
+        messages = cast(ReservingQueue, queue.messages)
         if queue.waiters:
             return None  # those that came first go first
         if self._max_deliveries:
             self._bury_spent(queue)
         entry = messages.reserve()
         if entry is None:
-            if not messages and not queue.waiters:
+            if queue.holds_nothing:
                 self._touch_idle(queue)
             return None
         self.num_messages -= 1
@@ -671,7 +689,7 @@ class Broker(service.Service):
         present: Optional[Callable[[], bool]] = None,
     ) -> defer.Deferred[Entry]:
         """As :meth:`wait`, for a ``Reserve``: fires with the reserved message's entry."""
-        self._reserving(self._queue(queue_name))
+        self.check_acknowledged_delivery()
         return self._wait(queue_name, timeout, present, lease, owner)
 
     def _reserve_handed(self, queue_name: bytes, item: _Item, waiter: Waiter) -> Entry:
@@ -726,6 +744,8 @@ class Broker(service.Service):
         queue.reserved -= 1
         self.num_reserved -= 1
         self.num_bytes -= len(entry.message)
+        if queue.holds_nothing:
+            self._touch_idle(queue)
 
     def _bury_reserved(self, queue: QueueState, entry: Entry) -> None:
         cast(ReservingQueue, queue.messages).bury(entry)
@@ -779,10 +799,11 @@ class Broker(service.Service):
         """Bring back up to ``most`` buried messages of a queue, oldest first,
         to its back, as new ones; how many came back."""
         _check_name(queue_name)
-        queue = self._queue(queue_name)
-        messages = self._reserving(queue)
-        if not queue.buried:
-            return 0
+        self.check_acknowledged_delivery()
+        queue = self._queues.get(queue_name)
+        if queue is None or not queue.buried:
+            return 0  # (no queue made for it)
+        messages = cast(ReservingQueue, queue.messages)
         if not messages:
             self._idle.pop(queue_name, None)
         kicked = messages.kick(most)

@@ -376,6 +376,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def _acknowledged_delivery(self, command: Any) -> None:
         broker = self.broker
+        # Before anything else (a queue made, an id looked up): a store that
+        # keeps no reservations knows none of these commands.
+        broker.check_acknowledged_delivery()
         kind = type(command)
         if kind is Reserve:
             self._reserve(command)
