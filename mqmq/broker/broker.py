@@ -38,11 +38,12 @@ from mqmq.stores.memory import MemoryStore
 #: ASCII names cost about 1 us an entry, accented or invalid UTF-8 ones up to
 #: 10 us an entry and 45 us a KiB, so a slice takes a few milliseconds at most.
 INFO_SLICE_QUEUES = 500
+INFO_SLICE_BYTES = 64 * 1024
+
 #: A ``get`` whose timeout ends while its queue holds messages that the
 #: store has not yet fetched (from the disk) waits up to this much longer
 #: for them rather than answer ``Timeout`` on a queue that is not empty.
 FETCH_GRACE_SECONDS = 5.0
-INFO_SLICE_BYTES = 64 * 1024
 
 # The shortest possible Info: no queue, every count a single digit.
 _INFO_FIXED_BYTES = len(encode_info_header(0, 0, 0)) + len(INFO_END)
@@ -428,11 +429,11 @@ class Broker(service.Service):
                 self._keep(queue_name, messages, front)
                 return
         for index, message in enumerate(messages):
-            if type(message) is Entry and self._max_deliveries and message.deliveries >= self._max_deliveries:
+            if self._max_deliveries and self._spent(message):
                 # A reservation back from a lease or a release, handed out
                 # as many times as allowed: buried, not handed out again.
                 handed[0] = index + 1
-                self._bury_reserved(self._queue(queue_name, limited=False), message)
+                self._bury_reserved(self._queue(queue_name, limited=False), cast(Entry, message))
                 continue
             waiter = self._next_waiter(queue_name)
             if waiter is None:
@@ -449,15 +450,21 @@ class Broker(service.Service):
             else:
                 waiter.deferred.callback(self._reserve_handed(queue_name, message, waiter))
 
+    def _spent(self, item: _Item) -> bool:
+        """Whether a reservation that came back was handed out as many times
+        as ``--max-deliveries`` allows (then it is buried, wherever it lands).
+        Asked only when there is such a limit (the hand-over loop is hot)."""
+        return type(item) is Entry and item.deliveries >= self._max_deliveries
+
     def _keep(self, queue_name: bytes, messages: tuple[_Item, ...], front: bool) -> None:
         # Looked up afresh: a callback may have let the queue be forgotten.
         queue = self._queue(queue_name, limited=False)
         for message in reversed(messages) if front else messages:
+            if self._max_deliveries and self._spent(message):
+                # Handed out as many times as allowed: buried, not ready.
+                self._bury_reserved(queue, cast(Entry, message))
+                continue
             if type(message) is Entry:
-                if self._max_deliveries and message.deliveries >= self._max_deliveries:
-                    # Handed out as many times as allowed: buried, not ready.
-                    self._bury_reserved(queue, message)
-                    continue
                 # A reservation back to the front, ready again.
                 if not queue.messages:
                     self._idle.pop(queue.name, None)
@@ -729,15 +736,19 @@ class Broker(service.Service):
     def _end(self, queue_name: bytes, message_id: int, owner: object) -> Reservation:
         """Take a reservation away from its owner (and its lease's timer)."""
         reservation = self._reservation(queue_name, message_id, owner)
-        key = (queue_name, message_id)
+        self._forget_reservation(reservation)
+        return reservation
+
+    def _forget_reservation(self, reservation: Reservation) -> None:
+        """Drop a reservation from the books (by id, and its owner's), its timer stopped."""
+        key = (reservation.queue_name, reservation.entry.message_id)
         del self._reservations[key]
-        owned = self._owned[owner]
+        owned = self._owned[reservation.owner]
         del owned[key]
         if not owned:
-            del self._owned[owner]
+            del self._owned[reservation.owner]
         if reservation.timer is not None and reservation.timer.active():
             reservation.timer.cancel()
-        return reservation
 
     def _done_with(self, queue: QueueState, entry: Entry) -> None:
         cast(ReservingQueue, queue.messages).ack(entry)
@@ -817,26 +828,15 @@ class Broker(service.Service):
     def release_all(self, owner: object) -> None:
         """Every message ``owner`` holds reserved goes back to the front of
         its queue, oldest first (its connection closed)."""
-        owned = self._owned.pop(owner, None)
-        if not owned:
-            return
         by_queue: dict[bytes, list[Entry]] = {}
-        for key, reservation in owned.items():
-            del self._reservations[key]
-            if reservation.timer is not None and reservation.timer.active():
-                reservation.timer.cancel()
+        for reservation in list(self._owned.get(owner, {}).values()):
+            self._forget_reservation(reservation)
             by_queue.setdefault(reservation.queue_name, []).append(reservation.entry)
         for queue_name, entries in by_queue.items():
             self._offer(queue_name, tuple(entries), front=True)
 
     def _lease_ended(self, reservation: Reservation) -> None:
-        key = (reservation.queue_name, reservation.entry.message_id)
-        self._reservations.pop(key, None)
-        owned = self._owned.get(reservation.owner)
-        if owned is not None:
-            owned.pop(key, None)
-            if not owned:
-                del self._owned[reservation.owner]
+        self._forget_reservation(reservation)
         self._offer(reservation.queue_name, (reservation.entry,), front=True)
 
     def _come_back(self, reservation: Reservation) -> None:
