@@ -56,16 +56,11 @@ class ReservingQueue(StoredQueue, Protocol):
     """A stored queue that keeps what acknowledged delivery needs (see
     ``Store.acknowledged_delivery``).
 
-    ``len()`` and ``num_bytes`` count the messages ready to be handed out;
-    reserved and buried ones are counted apart.  The broker holds each
-    reservation (its entry, owner and lease); the store keeps the message
-    until it is acked.
+    ``len()`` and ``num_bytes`` count the messages ready to be handed out.
+    The broker holds each reservation (its entry, owner and lease) and counts
+    reserved and buried messages; the store keeps each message until it is
+    acked.
     """
-
-    #: Messages handed out by ``Reserve`` and not yet acked, released or buried.
-    num_reserved: int
-    #: Messages set aside by ``Bury``, until kicked.
-    num_buried: int
 
     def front_deliveries(self) -> int:
         """How many times the message :meth:`pop` or :meth:`reserve` would

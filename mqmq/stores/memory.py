@@ -59,18 +59,16 @@ class MemoryQueue:
     """
 
     __slots__ = ("name", "_packed", "_tail", "_tail_bytes", "_count", "num_bytes",
-                 "_returned", "_buried", "num_reserved", "num_buried", "_ids")
+                 "_returned", "_buried", "_ids")
 
     def __init__(self, name: bytes, ids: Optional[Iterator[int]] = None) -> None:
         self.name = name
         # Messages that came back to the front (put back, released, their
         # leases ended), with their ids and deliveries; before all others.
         self._returned: deque[Entry] = deque()
-        # Acknowledged delivery: buried messages, oldest first; the reserved
-        # ones are the broker's to hold, counted here.
+        # Acknowledged delivery: buried messages, oldest first (the reserved
+        # ones are the broker's to hold, and to count).
         self._buried: deque[Entry] = deque()
-        self.num_reserved = 0
-        self.num_buried = 0
         # Message ids, given as messages are first handed out (shared by the
         # store's queues: unique among the messages it holds).
         self._ids = ids if ids is not None else itertools.count(1)
@@ -136,58 +134,46 @@ class MemoryQueue:
         self.num_bytes -= len(message)
         return message
 
-
     # Acknowledged delivery ------------------------------------------------------
 
     def front_deliveries(self) -> int:
         return self._returned[0].deliveries if self._returned else 0
 
     def reserve(self) -> Optional[Entry]:
-        if self._returned:
-            returned = self._returned.popleft()
-            self._count -= 1
-            self.num_bytes -= len(returned.message)
-            self.num_reserved += 1
-            return Entry(returned.message_id or next(self._ids), returned.message, returned.deliveries + 1)
+        returned = self._returned[0] if self._returned else None
         message = self.pop()
         if message is None:
             return None
-        self.num_reserved += 1
-        return Entry(next(self._ids), message, 1)
+        if returned is None:
+            return Entry(next(self._ids), message, 1)
+        # Back at the front: its id (if it was given one) and deliveries kept.
+        return Entry(returned.message_id or next(self._ids), message, returned.deliveries + 1)
 
     def reserve_new(self, message: bytes) -> Entry:
-        self.num_reserved += 1
         return Entry(next(self._ids), message, 1)
 
     def reserve_again(self, entry: Entry) -> Entry:
         return entry._replace(deliveries=entry.deliveries + 1)
 
     def ack(self, entry: Entry) -> None:
-        self.num_reserved -= 1
+        pass  # the broker held it: nothing kept here
 
     def release(self, entry: Entry) -> None:
-        self.num_reserved -= 1
         self._count += 1
         self.num_bytes += len(entry.message)
         self._returned.appendleft(entry)
 
     def bury(self, entry: Entry) -> None:
-        self.num_reserved -= 1
         self._buried.append(entry)
-        self.num_buried += 1
 
     def bury_front(self) -> None:
-        buried = self._returned.popleft()
-        self._count -= 1
-        self.num_bytes -= len(buried.message)
-        self._buried.append(buried)
-        self.num_buried += 1
+        self._buried.append(self._returned[0])
+        self.pop()
 
     def kick(self, most: int) -> int:
         kicked = min(most, len(self._buried))
         for _ in range(kicked):
             self.push(self._buried.popleft().message)
-        self.num_buried -= kicked
         return kicked
 
 
