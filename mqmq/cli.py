@@ -330,25 +330,22 @@ GET_LEASE = 300.0
 async def _get(reactor: Any, client: MQClient, sub: usage.Options) -> MQClient:
     """``mqmq get``: reserve, write, then ack (or a plain Get); returns the
     client to disconnect (a new one if the server refused Reserve)."""
-    if not sub["no-ack"]:
-        try:
-            delivery = await client.reserve(sub["queue"], sub["seconds"], GET_LEASE)
-        except errors.AcknowledgedDeliveryUnsupported:
-            # The original server closed the connection: ask again, plainly.
-            client = await connect(reactor, sub["addr"], max_message_bytes=sub["max-message-bytes"])
-        except errors.GetTimeout:
-            await client.disconnect()
-            raise SystemExit(EXIT_TIMEOUT)
-        else:
-            failed = _try_output(lambda: sys.stdout.buffer.write(delivery.message))
-            if failed is not None:
-                # Not written: back to its queue for someone else.
-                await delivery.release()
-                await client.disconnect()
-                _fail(failed + " (the message was given back to the server)")
-            await delivery.ack()
-            return client
     try:
+        if not sub["no-ack"]:
+            try:
+                delivery = await client.reserve(sub["queue"], sub["seconds"], GET_LEASE)
+            except errors.AcknowledgedDeliveryUnsupported:
+                # The original server closed the connection: ask again, plainly.
+                client = await connect(reactor, sub["addr"], max_message_bytes=sub["max-message-bytes"])
+            else:
+                failed = _try_output(lambda: sys.stdout.buffer.write(delivery.message))
+                if failed is not None:
+                    # Not written: back to its queue for someone else.
+                    await delivery.release()
+                    await client.disconnect()
+                    _fail(failed + " (the message was given back to the server)")
+                await delivery.ack()
+                return client
         message_bytes = await client.get(sub["queue"], sub["seconds"])
     except errors.GetTimeout:
         await client.disconnect()

@@ -89,6 +89,22 @@ def _unsupported(failure: Failure) -> Failure:
     return failure
 
 
+def _timeout_ms(timeout: float) -> int:
+    """A ``Get``'s (or ``Reserve``'s) timeout in seconds as the milliseconds
+    it goes out in; a negative one is sent as 0, above one hour refused."""
+    # Written so that NaN is refused too.
+    if not timeout <= MAX_TIMEOUT_MS / 1000:
+        raise errors.InvalidArgument(f"timeout of {timeout} s is above one hour")
+    # Truncate whole nanoseconds, as Go's Duration does, so that float
+    # error cannot drop a millisecond (1.005 s is 1005 ms, not 1004).
+    return round(max(timeout, 0) * 1_000_000_000) // 1_000_000
+
+
+def _server_wait(milliseconds: int) -> float:
+    """Seconds the server may rightly wait for a message: it waits 1 ms for a timeout of 0."""
+    return max(milliseconds, 1) / 1000
+
+
 def _milliseconds(seconds: float, what: str, least: int, most: int) -> int:
     """Seconds as the whole milliseconds a request carries, checked against
     what the server takes."""
@@ -229,17 +245,10 @@ class MQClient(FrameReceiver):
         """
         try:
             name = _queue_name(queue)
-            # Written so that NaN is refused too.
-            if not timeout <= MAX_TIMEOUT_MS / 1000:
-                raise errors.InvalidArgument(f"timeout of {timeout} s is above one hour")
+            milliseconds = _timeout_ms(timeout)
         except errors.InvalidArgument:
             return defer.fail()
-        # Truncate whole nanoseconds, as Go's Duration does, so that float
-        # error cannot drop a millisecond (1.005 s is 1005 ms, not 1004).
-        milliseconds = round(max(timeout, 0) * 1_000_000_000) // 1_000_000
-        # The server waits 1 ms for a timeout of 0.
-        wait = max(milliseconds, 1) / 1000
-        return self._send([GET, name, b"%d" % milliseconds], _reply_message, wait)
+        return self._send([GET, name, b"%d" % milliseconds], _reply_message, _server_wait(milliseconds))
 
     # Acknowledged delivery (our extension; the original server refuses it,
     # and these fail with AcknowledgedDeliveryUnsupported) --------------------
@@ -254,12 +263,10 @@ class MQClient(FrameReceiver):
         """
         try:
             name = _queue_name(queue)
-            if not timeout <= MAX_TIMEOUT_MS / 1000:
-                raise errors.InvalidArgument(f"timeout of {timeout} s is above one hour")
+            milliseconds = _timeout_ms(timeout)
             lease_ms = _milliseconds(lease, "lease", 1, MAX_LEASE_MS)
         except errors.InvalidArgument:
             return defer.fail()
-        milliseconds = round(max(timeout, 0) * 1_000_000_000) // 1_000_000
 
         def read(values: list[bytes]) -> Delivery:
             if values[0] == TIMEOUT:
@@ -269,7 +276,7 @@ class MQClient(FrameReceiver):
             return Delivery(self, name, values[1], values[2], int(values[3]))
 
         sent = self._send([RESERVE, name, b"%d" % milliseconds, b"%d" % lease_ms], read,
-                          max(milliseconds, 1) / 1000)
+                          _server_wait(milliseconds))
         return sent.addErrback(_unsupported)
 
     def _about(self, command: bytes, queue: QueueName, message_id: bytes, *more: bytes) -> defer.Deferred[None]:
