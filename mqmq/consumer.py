@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mqmq import errors
 from mqmq.client import Delivery, MQClient, QueueName
@@ -76,11 +75,9 @@ class Consumer:
         #: Messages acked, and released after a failure of the handler.
         self.acked = 0
         self.released = 0
-        self._finished = False
-        self._stop_waiters: list[defer.Deferred[None]] = []
 
     def start(self) -> Consumer:
-        defer.ensureDeferred(self._run()).addBoth(self._ended)
+        defer.ensureDeferred(self._run()).chainDeferred(self.done)
         return self
 
     def stop(self) -> defer.Deferred[None]:
@@ -88,21 +85,13 @@ class Consumer:
         (whether it ended well or not: see :attr:`done`)."""
         self._stopping = True
         finished: defer.Deferred[None] = defer.Deferred()
-        if self._finished:
-            finished.callback(None)
-        else:
-            self._stop_waiters.append(finished)
-        return finished
 
-    def _ended(self, result: object) -> None:
-        self._finished = True
-        waiters, self._stop_waiters = self._stop_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-        if isinstance(result, Failure):
-            self.done.errback(result)
-        else:
-            self.done.callback(None)
+        def ended(result: object) -> object:
+            finished.callback(None)
+            return result  # done keeps its outcome for whoever else waits on it
+
+        self.done.addBoth(ended)
+        return finished
 
     async def _run(self) -> None:
         while not self._stopping:
