@@ -515,13 +515,12 @@ class SqliteStore:
 
     def _read_for(self, queue: SqliteQueue, most: int, most_bytes: int) -> None:
         """Read the oldest messages of ``queue`` that are on disk alone, for its window."""
-        reading: Deferred[list[tuple[int, int, bytes]]]
-        if self._run_reads is not None:
-            reading = self._run_reads(self._read, queue.queue_id, queue._tail_pos, most, most_bytes)
-        elif self._reader_thread is not None:
-            reading = self._reader_thread.run(self._read, queue.queue_id, queue._tail_pos, most, most_bytes)
-        else:  # not started: at once
-            reading = maybeDeferred(self._read, queue.queue_id, queue._tail_pos, most, most_bytes)
+        run: Callable[..., Deferred[Any]] = (
+            self._run_reads
+            or (self._reader_thread.run if self._reader_thread is not None else None)
+            or maybeDeferred  # not started yet: at once
+        )
+        reading = run(self._read, queue.queue_id, queue._tail_pos, most, most_bytes)
         reading.addCallbacks(queue._read_done, self._read_failed, errbackArgs=(queue,))
 
     def _read_failed(self, reason: Failure, queue: SqliteQueue) -> None:
