@@ -33,6 +33,11 @@ def sqlite_store(path: Union[str, os.PathLike[str]], fsync: str = "always") -> C
     return make
 
 
+def has_due_calls(clock: task.Clock) -> bool:
+    """Whether calls are due now on ``clock`` (``advance(0)`` would run them)."""
+    return any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls())
+
+
 class Server:
     """One broker with the given limits and its factory, on a fake clock.
 
@@ -73,8 +78,7 @@ class Server:
         nothing is: every turn the reactor would take at once."""
         clocks = [self.clock] if self.store_clock is self.clock else [self.clock, self.store_clock]
         while True:
-            due = [clock for clock in clocks
-                   if any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls())]
+            due = [clock for clock in clocks if has_due_calls(clock)]
             if not due:
                 return
             for clock in due:
@@ -138,7 +142,7 @@ class Connection:
             if self._own_writes_clock:
                 # A write's replies may let held requests go on to changes of
                 # their own: written too, until nothing is due.
-                while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+                while has_due_calls(clock):
                     clock.advance(0)
         data = self.transport.value()[self._read :]
         self._read += len(data)
