@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from mqmq.broker.limits import Limits
-from wire import Connection, Server, sqlite_store
+from mqmq.stores.memory import MemoryStore
+from wire import Connection, Server
+
+#: Every rule, on the memory store and on the SQLite store.
+pytestmark = pytest.mark.usefixtures("both_stores")
 
 OK = [b"OK"]
 UNKNOWN_ID = [b"Error", b"REQUEST_UNKNOWN_ID"]
@@ -202,14 +204,6 @@ def test_a_reserve_that_times_out_answers_timeout() -> None:
     assert consumer.replies() == [[b"Timeout"]]
 
 
-def test_the_sqlite_store_does_not_serve_reservations_yet(tmp_path: Path) -> None:
-    server = Server(store=sqlite_store(tmp_path / "q.db"), write_before_reading=True)
-    consumer = server.connect()
-    consumer.send([b"Reserve", b"q"])
-    assert consumer.replies() == [[b"Error", b"REQUEST_UNKNOWN_COMMAND"]]
-    assert consumer.closed
-
-
 def info(connection: Connection) -> bytes:
     connection.send([b"Info"])
     [[ok, body]] = connection.replies()
@@ -294,10 +288,16 @@ def test_a_queue_with_buried_or_reserved_messages_is_never_forgotten() -> None:
     assert client.replies() == [OK, [b"Error", b"SERVER_TOO_MANY_QUEUES"]]
 
 
+class _StoreWithoutReservations(MemoryStore):
+    """A store that keeps no reservations (as the Redis store may, at first)."""
+
+    acknowledged_delivery = False
+
+
 @pytest.mark.parametrize("frame", [[b"Reserve", b"q"], [b"Ack", b"q", b"1"], [b"Release", b"q", b"1"],
                                    [b"Touch", b"q", b"1"], [b"Bury", b"q", b"1"], [b"Kick", b"q"]])
-def test_a_store_without_reservations_knows_none_of_the_commands(tmp_path: Path, frame: list[bytes]) -> None:
-    server = Server(Limits(max_queues=1), store=sqlite_store(tmp_path / "q.db"), write_before_reading=True)
+def test_a_store_without_reservations_knows_none_of_the_commands(frame: list[bytes]) -> None:
+    server = Server(Limits(max_queues=1), store=lambda clock: _StoreWithoutReservations())
     client = server.connect()
     client.send(frame)
     assert client.replies() == [[b"Error", b"REQUEST_UNKNOWN_COMMAND"]]

@@ -9,6 +9,7 @@ import fcntl
 import os
 import signal
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -22,6 +23,7 @@ from conftest import (
     Processes,
     assert_one_error_line,
     bin_path,
+    logged_port,
     raw_info,
     wait_until,
 )
@@ -131,12 +133,12 @@ def test_get_no_ack_takes_it_with_a_plain_get(procs: Processes, server: tuple[st
     assert raw_info(port)["Queues"] == {"q": {"NumMessages": 0}}
 
 
-def test_get_falls_back_to_a_plain_get_where_reserve_is_not_served(
-    procs: Processes, tmp_path: Path
-) -> None:
-    # The SQLite store does not keep reservations yet: its server refuses
-    # Reserve as an unknown command and closes, as the original server does.
-    _, addr, _ = procs.start_server("--store", f"sqlite:{tmp_path / 'q.db'}")
+def test_get_falls_back_to_a_plain_get_where_reserve_is_not_served(procs: Processes) -> None:
+    # A server that refuses Reserve as an unknown command and closes, as the
+    # original server does.
+    original = procs.spawn(sys.executable, Path(__file__).parent / "original_server.py")
+    port = logged_port(lambda: procs.output(original)[1], original)
+    addr = f"127.0.0.1:{port}"
     assert procs.mqmq("put", "-addr", addr, "q", "old style").returncode == 0
     result = procs.mqmq("get", "-addr", addr, "q")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"old style", b"")

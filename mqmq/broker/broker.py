@@ -257,13 +257,25 @@ class Broker(service.Service):
             self._names_bytes += len(messages.name)
             self.num_messages += len(messages)
             self.num_bytes += messages.num_bytes
-            if not messages:
+            if self.store.acknowledged_delivery:
+                self._recover_reservations(queue)
+            if queue.holds_nothing:
                 self._idle[queue.name] = None
         if not isinstance(self.store, MemoryStore):
             self.log.info("keeping messages in {store}: {queues} queues and {messages} messages read back",
                           store=self.store.describe(), queues=len(self._queues),
                           messages=self.num_messages)
         self.store.start()
+
+    def _recover_reservations(self, queue: QueueState) -> None:
+        # Buried messages are still buried; reserved ones are ready again,
+        # at the front, their deliveries counted.
+        messages = cast(ReservingQueue, queue.messages)
+        queue.buried = messages.num_buried
+        self.num_buried += queue.buried
+        self.num_bytes += messages.buried_bytes
+        if queue.buried or messages.front_deliveries():
+            self.reservations_seen = True
 
     # Queues ----------------------------------------------------------------
 
@@ -509,6 +521,9 @@ class Broker(service.Service):
         if queue.waiters:
             # Gets that came first wait for what the store is fetching.
             return None
+        return self._pop(queue)
+
+    def _pop(self, queue: QueueState) -> Optional[bytes]:
         if self._max_deliveries:
             self._bury_spent(queue)
         messages = queue.messages
@@ -521,23 +536,38 @@ class Broker(service.Service):
         return message
 
     def _arrived(self, queue_name: bytes) -> None:
-        # The store has at hand messages it had to fetch: they go to the
-        # Gets that found none at hand and wait, oldest first.  (One left
-        # over, its consumer gone, goes back to the front.)
+        # The store has at hand messages it had to fetch (or kicked back):
+        # they go to the Gets and Reserves that found none at hand and wait,
+        # oldest first, each taking its message as it would have at once.
         queue = self._queues.get(queue_name)
-        if queue is None or not queue.waiters:
-            return
-        messages = queue.messages
-        taken = []
-        for _ in range(len(queue.waiters)):
-            message = messages.pop()
-            if message is None:
-                break
-            taken.append(message)
-            self.num_messages -= 1
-            self.num_bytes -= len(message)
-        if taken:
-            self._offer(queue_name, tuple(taken), front=True)
+        while queue is not None and queue.waiters and queue.messages:
+            waiter = self._first_present(queue)
+            if waiter is None:
+                return
+            if waiter.lease is None:
+                item: Any = self._pop(queue)
+            else:
+                item = self._reserve(queue, waiter.lease, waiter.owner)
+            if item is None:
+                return  # the rest are still being fetched
+            self._withdraw(waiter)
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.deferred.callback(item)
+            queue = self._queues.get(queue_name)
+
+    def _first_present(self, queue: QueueState) -> Optional[Waiter]:
+        """The longest waiting waiter whose consumer is still there, left
+        waiting (those gone before it are passed over, as in ``_next_waiter``)."""
+        while queue.waiters:
+            waiter = next(iter(queue.waiters))
+            if not waiter._consumer_gone():
+                return waiter
+            self._withdraw(waiter)
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.deferred.errback(ConsumerGone("the consumer went away while it waited"))
+        return None
 
     def _dropped(self, queue_name: bytes, message: bytes) -> None:
         # The store lost a message it had taken (its write failed): the
@@ -675,12 +705,14 @@ class Broker(service.Service):
         _check_name(queue_name)
         self.check_acknowledged_delivery()
         queue = self._queue(queue_name)
-        messages = cast(ReservingQueue, queue.messages)
         if queue.waiters:
             return None  # those that came first go first
+        return self._reserve(queue, lease, owner)
+
+    def _reserve(self, queue: QueueState, lease: float, owner: object) -> Optional[Entry]:
         if self._max_deliveries:
             self._bury_spent(queue)
-        entry = messages.reserve()
+        entry = cast(ReservingQueue, queue.messages).reserve()
         if entry is None:
             if queue.holds_nothing:
                 self._touch_idle(queue)
@@ -688,7 +720,7 @@ class Broker(service.Service):
         self.num_messages -= 1
         queue.reserved += 1
         self.num_reserved += 1
-        self._hold(queue_name, entry, lease, owner)
+        self._hold(queue.name, entry, lease, owner)
         return entry
 
     def wait_reserve(

@@ -48,6 +48,9 @@ _STORAGE_ERROR_FRAME = encode_frame([ERROR, errors.STORAGE_ERROR.encode("ascii")
 _HELD_FRAME = 0
 _HELD_PUT = 1
 _HELD_MESSAGE = 2
+#: An OK that promises a change the batch writes (Ack, Release, Bury, Kick):
+#: as a Put's, it waits for the retry of a batch whose write failed.
+_HELD_PROMISE = 3
 _INFO_REPLY_PREFIX = _UINT32.pack(2) + OK
 
 #: Info replies up to this size are written at once; larger ones a piece at
@@ -385,7 +388,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             return
         if kind is Kick:
             kicked = broker.kick(command.queue, command.most)
-            self._reply_for_store(encode_frame([OK, b"%d" % kicked]))
+            self._promise(encode_frame([OK, b"%d" % kicked]))
             return
         message_id = _parse_id(command.message_id)
         if kind is Ack:
@@ -396,7 +399,14 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             broker.touch(command.queue, message_id, self, command.lease_ms / 1000)
         elif kind is Bury:
             broker.bury(command.queue, message_id, self)
-        self._reply_for_store(_OK_FRAME)
+        self._promise(_OK_FRAME)
+
+    def _promise(self, frame: bytes) -> None:
+        """An OK for a change the store writes: sent once it is written."""
+        if self._store.pending is not None:
+            self._hold(self._store.pending, _HELD_PROMISE, frame, None)
+        else:
+            self._reply(frame)
 
     def _reserve(self, command: Reserve) -> None:
         lease = command.lease_ms / 1000
@@ -499,8 +509,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             assert held, "a reply held for no batch and behind none"
             batch = held[-1][0]
         held.append((batch, kind, first, second))
-        if kind == _HELD_MESSAGE:
-            self._held_message_bytes += len(second)
+        if kind != _HELD_PUT:
+            # (A Reserve's reply, a frame, carries its message too.)
+            self._held_message_bytes += len(second) if kind == _HELD_MESSAGE else len(first)
             if self._held_message_bytes > MAX_HELD_MESSAGE_BYTES:
                 self._held_full = True
         if batch is not self._held_batch:
@@ -526,7 +537,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                         self._abort("the peer went away while its message waited for the store")
                         return
                 refused = kind == _HELD_PUT and batch.refused(first)
-                if batch.retry is not None and kind == _HELD_PUT and not refused:
+                if batch.retry is not None and (kind == _HELD_PROMISE or kind == _HELD_PUT and not refused):
                     # Its write failed, but its message had been taken: it
                     # is stored by the retry, and answered once that is
                     # written.  (A message taken from the store goes out
@@ -545,6 +556,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 elif kind == _HELD_PUT:
                     out.write(_OK_FRAME)
                 else:
+                    self._held_message_bytes -= len(first)
                     out.write(first)
         finally:
             out.end_batch()
@@ -571,6 +583,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             if batch is failed:
                 if kind == _HELD_PUT and failed.refused(first):
                     kind, first = _HELD_FRAME, _STORAGE_ERROR_FRAME
+                    self._held_message_bytes += len(first)
                 batch = retry
             moved.append((batch, kind, first, second))
         self._held = moved

@@ -59,7 +59,10 @@ class ReservingQueue(StoredQueue, Protocol):
     ``len()`` and ``num_bytes`` count the messages ready to be handed out.
     The broker holds each reservation (its entry, owner and lease) and counts
     reserved and buried messages; the store keeps each message until it is
-    acked.
+    acked.  A durable store keeps reservations across a restart as the
+    protocol says: a reserved message is ready again, at the front, its
+    deliveries kept (``front_deliveries``); a buried one is still buried
+    (``num_buried``, ``buried_bytes``).
     """
 
     def front_deliveries(self) -> int:
@@ -95,6 +98,13 @@ class ReservingQueue(StoredQueue, Protocol):
     def kick(self, most: int) -> int:
         """Bring back up to ``most`` buried messages, oldest first, to the
         back of the queue as new ones; how many came back."""
+
+    @property
+    def num_buried(self) -> int:
+        """How many of its messages are buried (read back by a durable store)."""
+
+    #: Bytes of payload of its buried messages.
+    buried_bytes: int
 
 
 class Store(Protocol):

@@ -176,6 +176,14 @@ class MemoryQueue:
             self.push(self._buried.popleft().message)
         return kicked
 
+    @property
+    def num_buried(self) -> int:
+        return len(self._buried)
+
+    @property
+    def buried_bytes(self) -> int:
+        return sum(len(entry.message) for entry in self._buried)
+
 
 class MemoryStore:
     """Queues kept in this process's memory: fast, and gone with it."""

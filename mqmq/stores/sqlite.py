@@ -8,8 +8,16 @@ transaction.  While it is written the next batch gathers, so a busy server
 writes large transactions and an idle one small ones (group commit).
 Replies that depend on a batch are sent when it is written.
 
-Every queue's messages are also kept in memory (read back at start-up), so
-``Get`` never reads the disk.
+Each queue keeps a window of its oldest messages in memory (read back at
+start-up, refilled by a reader thread), so ``Get`` never waits for the disk.
+
+Acknowledged delivery is durable too: a reserved message keeps its row,
+its deliveries counted there, until it is acked; released, it is moved to
+the front; buried, it moves to the ``buried`` table, and kicked, back to the
+back of ``messages``.  After a restart reserved messages are ready again
+where they were (at the front) with their counts, and buried ones buried.
+``Ack``, ``Release``, ``Bury`` and ``Kick`` are answered once written, as a
+``Put`` is.
 
 ``--fsync`` decides when a written batch reaches the disk:
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections import deque
+from array import array
 from itertools import chain
 from time import perf_counter
 from typing import Any, Callable, Iterable, NamedTuple, Optional, cast
@@ -45,12 +54,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mqmq.errors import StoreError
-from mqmq.stores.base import Batch, StoredQueue
+from mqmq.stores.base import Batch, Entry, StoredQueue
 from mqmq.stores.worker import WorkerThread
 
 #: The layout this code writes (``PRAGMA user_version``); a database with a
 #: higher one came from a newer mqmq and is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FSYNC_POLICIES = ("always", "everysec", "no")
 #: Message ids are reserved this many at a time in the database.
 ID_BLOCK = 100_000
@@ -84,6 +93,22 @@ CREATE TABLE meta (
 INSERT INTO meta (key, value) VALUES ('next_id', 1);
 """
 
+#: From layout 1 to 2 (acknowledged delivery): how many times each message
+#: was handed out, and the buried messages, in the order they were buried
+#: (``seq``).  A reserved message stays in ``messages`` (at the front, where
+#: it was taken from) until it is acked: after a restart it is ready again.
+_SCHEMA_2 = """
+ALTER TABLE messages ADD COLUMN deliveries INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE buried (
+    id INTEGER PRIMARY KEY,
+    queue INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    deliveries INTEGER NOT NULL
+);
+CREATE INDEX buried_in_order ON buried (queue, seq);
+"""
+
 
 #: Most rows written by one statement.  The writer thread needs the GIL to
 #: bind a statement's values and gives it up while SQLite runs it: one
@@ -94,17 +119,42 @@ INSERT INTO meta (key, value) VALUES ('next_id', 1);
 ROWS_PER_STATEMENT = 128
 
 
-def _insert_rows(db: sqlite3.Connection, rows: list[tuple[int, int, int, bytes]]) -> None:
+#: A message's row: id, queue, pos, body, deliveries.
+_Row = tuple[int, int, int, bytes, int]
+
+
+def _insert_rows(db: sqlite3.Connection, rows: list[_Row]) -> None:
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         chunk = rows[start:start + ROWS_PER_STATEMENT]
-        db.execute("INSERT INTO messages (id, queue, pos, body) VALUES "
-                   + ",".join(["(?,?,?,?)"] * len(chunk)), list(chain.from_iterable(chunk)))
+        db.execute("INSERT INTO messages (id, queue, pos, body, deliveries) VALUES "
+                   + ",".join(["(?,?,?,?,?)"] * len(chunk)), list(chain.from_iterable(chunk)))
 
 
 def _delete_rows(db: sqlite3.Connection, ids: list[int]) -> None:
     for start in range(0, len(ids), ROWS_PER_STATEMENT):
         chunk = ids[start:start + ROWS_PER_STATEMENT]
         db.execute("DELETE FROM messages WHERE id IN (" + ",".join(["?"] * len(chunk)) + ")", chunk)
+
+
+def _move_rows(db: sqlite3.Connection, moves: list[tuple[int, int, int, int]]) -> None:
+    for kind, message_id, place, deliveries in moves:
+        if kind == _BURY:
+            db.execute("INSERT INTO buried (id, queue, seq, body, deliveries) "
+                       "SELECT id, queue, ?, body, ? FROM messages WHERE id = ?", (place, deliveries, message_id))
+            db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        else:
+            db.execute("INSERT INTO messages (id, queue, pos, body, deliveries) "
+                       "SELECT id, queue, ?, body, 0 FROM buried WHERE id = ?", (place, message_id))
+            db.execute("DELETE FROM buried WHERE id = ?", (message_id,))
+
+
+def _update_rows(db: sqlite3.Connection, updates: dict[int, tuple[Optional[int], int]]) -> None:
+    moved = [(pos, deliveries, i) for i, (pos, deliveries) in updates.items() if pos is not None]
+    if moved:
+        db.executemany("UPDATE messages SET pos = ?, deliveries = ? WHERE id = ?", moved)
+    if len(moved) < len(updates):
+        db.executemany("UPDATE messages SET deliveries = ? WHERE id = ?",
+                       [(deliveries, i) for i, (pos, deliveries) in updates.items() if pos is None])
 
 
 class SqliteQueue:
@@ -124,23 +174,35 @@ class SqliteQueue:
     messages, so the reactor never waits for the disk.  Should consumers
     empty the window before the read is back, :meth:`pop` answers ``None``
     and the store calls ``arrived`` once the messages are in.
+
+    Acknowledged delivery: a reserved message keeps its row (its deliveries
+    counted there) until it is acked, and a released one goes back to the
+    front of the window with a new ``pos`` before the first.  A buried one
+    moves to the ``buried`` table; only its id and size stay in memory.
+    Kicked back, it goes to the back as a message whose body is on disk
+    alone (spilled without a body): it is read like any other.
     """
 
     __slots__ = ("name", "queue_id", "num_bytes", "_ids", "_messages", "_window_bytes",
-                 "_spilled", "_on_disk", "_tail_pos", "_front", "_back", "_store",
-                 "_reading", "_starved")
+                 "_delivered", "_spilled", "_on_disk", "_tail_pos", "_front", "_back", "_store",
+                 "_reading", "_starved", "_buried_ids", "_buried_sizes", "_buried_first",
+                 "buried_bytes", "_buried_seq")
 
     def __init__(self, store: SqliteStore, name: bytes, queue_id: int) -> None:
         self.name = name
         self.queue_id = queue_id
-        #: Bytes of all its messages: in the window, spilled and on disk.
+        #: Bytes of all its ready messages: in the window, spilled and on disk.
         self.num_bytes = 0
         # The window, oldest first.
         self._ids: deque[int] = deque()
         self._messages: deque[bytes] = deque()
         self._window_bytes = 0
-        # Spilled messages whose batch is not yet written: (id, pos, message, batch).
-        self._spilled: deque[tuple[int, int, bytes, Batch]] = deque()
+        # How many times the messages in the window were handed out, for
+        # those that were (released, or read back after a restart).
+        self._delivered: dict[int, int] = {}
+        # Spilled messages whose batch is not yet written: (id, pos, message,
+        # batch); message None for a kicked one (its body is on disk).
+        self._spilled: deque[tuple[int, int, Optional[bytes], Batch]] = deque()
         # Messages on disk alone, after the window and before the spilled ones.
         self._on_disk = 0
         # The pos of the newest message read into the window: the disk is
@@ -154,6 +216,13 @@ class SqliteQueue:
         # pop() answered None while messages were on disk: the store owes
         # the broker an `arrived`.
         self._starved = False
+        # Buried messages, oldest first, from _buried_first on: ids and sizes.
+        self._buried_ids = array("q")
+        self._buried_sizes = array("q")
+        self._buried_first = 0
+        #: Bytes of its buried messages.
+        self.buried_bytes = 0
+        self._buried_seq = 0
 
     def __len__(self) -> int:
         return len(self._messages) + len(self._spilled) + self._on_disk
@@ -169,7 +238,7 @@ class SqliteQueue:
             self._messages and (len(self._messages) >= WINDOW_MESSAGES
                                 or self._window_bytes + size > WINDOW_BYTES)
         ):
-            write = store._record_insert(message_id, (message_id, self.queue_id, pos, message), fresh=True)
+            write = store._record_insert(message_id, (message_id, self.queue_id, pos, message, 0), fresh=True)
             self._spilled.append((message_id, pos, message, write.batch))
             write.spilled.add(self)
             return message_id
@@ -177,13 +246,17 @@ class SqliteQueue:
         self._messages.append(message)
         self._window_bytes += size
         self._tail_pos = pos
-        store._record_insert(message_id, (message_id, self.queue_id, pos, message), fresh=True)
+        store._record_insert(message_id, (message_id, self.queue_id, pos, message, 0), fresh=True)
         return message_id
 
     def push_front(self, message: bytes) -> None:
         store = self._store
         message_id = store._next_id
         store._next_id = message_id + 1
+        self._to_front(message_id, message)
+        store._record_insert(message_id, (message_id, self.queue_id, self._front, message, 0), fresh=False)
+
+    def _to_front(self, message_id: int, message: bytes) -> None:
         self._front -= 1
         self._ids.appendleft(message_id)
         self._messages.appendleft(message)
@@ -191,22 +264,32 @@ class SqliteQueue:
         self.num_bytes += len(message)
         if len(self._messages) == 1 and not (self._on_disk or self._spilled):
             self._tail_pos = self._front
-        store._record_insert(message_id, (message_id, self.queue_id, self._front, message), fresh=False)
 
     def pop(self) -> Optional[bytes]:
+        taken = self._take()
+        if taken is None:
+            return None
+        message_id, message = taken
+        self._delivered.pop(message_id, None)
+        self._store._record_delete(message_id)
+        return message
+
+    def _take(self) -> Optional[tuple[int, bytes]]:
+        """The oldest message at hand, out of the window (nothing recorded)."""
         messages = self._messages
         if len(messages) <= WINDOW_REFILL_BELOW and (self._on_disk or self._spilled) and not self._reading:
             self._refill()
         if not messages:
-            if self._on_disk:
+            if self._on_disk or self._spilled:
+                # Owed an `arrived` once they are in (read, or written and
+                # then read: a kicked message's body is on disk alone).
                 self._starved = True
             return None
         message_id = self._ids.popleft()
         message = messages.popleft()
         self._window_bytes -= len(message)
         self.num_bytes -= len(message)
-        self._store._record_delete(message_id)
-        return message
+        return message_id, message
 
     def _refill(self) -> None:
         """Fill the window from the disk (a read, maybe in another thread),
@@ -222,37 +305,44 @@ class SqliteQueue:
     def _take_spilled(self) -> None:
         spilled = self._spilled
         room = WINDOW_MESSAGES - len(self._messages)
-        while spilled and room > 0 and (not self._messages or
-                                        self._window_bytes + len(spilled[0][2]) <= WINDOW_BYTES):
-            message_id, pos, message, _ = spilled.popleft()
-            self._take_in(message_id, pos, message)
+        while spilled and room > 0:
+            message_id, pos, message, _ = spilled[0]
+            if message is None or (self._messages and self._window_bytes + len(message) > WINDOW_BYTES):
+                break  # (a kicked one: read once written)
+            spilled.popleft()
+            self._take_in(message_id, pos, message, 0)
             room -= 1
 
-    def _read_done(self, rows: list[tuple[int, int, bytes]]) -> None:
+    def _read_done(self, rows: list[tuple[int, int, bytes, int]]) -> None:
         """Take in what a read found: the oldest messages after the window."""
         self._reading = False
         spilled = self._spilled
-        for message_id, pos, body in rows:
+        for message_id, pos, body, deliveries in rows:
             if spilled and spilled[0][0] == message_id:
                 # Written a moment ago; the news has not reached us yet.
                 spilled.popleft()
             else:
                 self._on_disk -= 1
-            self._take_in(message_id, pos, body)
+            self._take_in(message_id, pos, body, deliveries)
         if not self._on_disk:
             # Older messages are all in: the spilled ones may follow.
             self._take_spilled()
+        self._tell_if_starved()
+
+    def _tell_if_starved(self) -> None:
         if self._starved and self._messages:
             self._starved = False
             # From the reactor, not from within the broker's call that may
             # have run this read at once.
             self._store._reactor.callLater(0, self._store._tell_arrived, self.name)
 
-    def _take_in(self, message_id: int, pos: int, message: bytes) -> None:
+    def _take_in(self, message_id: int, pos: int, message: bytes, deliveries: int) -> None:
         self._ids.append(message_id)
         self._messages.append(message)
         self._window_bytes += len(message)
         self._tail_pos = pos
+        if deliveries:
+            self._delivered[message_id] = deliveries
 
     def _written(self) -> None:
         """Spilled messages whose batch is written are on disk alone now."""
@@ -260,6 +350,8 @@ class SqliteQueue:
         while spilled and spilled[0][3].done:
             spilled.popleft()
             self._on_disk += 1
+        if self._starved and self._on_disk and not self._reading:
+            self._refill()
 
     def _drop(self, message_id: int) -> Optional[bytes]:
         """Remove a message whose Put was not written; it is near the back."""
@@ -267,6 +359,7 @@ class SqliteQueue:
         for index in range(len(spilled) - 1, -1, -1):
             if spilled[index][0] == message_id:
                 message = spilled[index][2]
+                assert message is not None  # (a Put's, not a kicked one)
                 del spilled[index]
                 self.num_bytes -= len(message)
                 return message
@@ -280,6 +373,99 @@ class SqliteQueue:
                 self.num_bytes -= len(message)
                 return message
         return None
+
+    # Acknowledged delivery ------------------------------------------------------
+
+    def front_deliveries(self) -> int:
+        return self._delivered.get(self._ids[0], 0) if self._ids else 0
+
+    def reserve(self) -> Optional[Entry]:
+        taken = self._take()
+        if taken is None:
+            return None
+        message_id, message = taken
+        deliveries = self._delivered.pop(message_id, 0) + 1
+        self._store._record_update(message_id, None, deliveries)
+        return Entry(message_id, message, deliveries)
+
+    def reserve_new(self, message: bytes) -> Entry:
+        store = self._store
+        message_id = store._next_id
+        store._next_id = message_id + 1
+        # At the front (where a reserved message is ready again after a
+        # restart), and before the window: never read into it.
+        self._front -= 1
+        store._record_insert(message_id, (message_id, self.queue_id, self._front, message, 1), fresh=False)
+        return Entry(message_id, message, 1)
+
+    def reserve_again(self, entry: Entry) -> Entry:
+        deliveries = entry.deliveries + 1
+        self._store._record_update(entry.message_id, None, deliveries)
+        return entry._replace(deliveries=deliveries)
+
+    def ack(self, entry: Entry) -> None:
+        self._store._record_delete(entry.message_id)
+
+    def release(self, entry: Entry) -> None:
+        self._to_front(entry.message_id, entry.message)
+        if entry.deliveries:
+            self._delivered[entry.message_id] = entry.deliveries
+        self._store._record_update(entry.message_id, self._front, entry.deliveries)
+
+    def bury(self, entry: Entry) -> None:
+        self._buried_seq += 1
+        self._buried_ids.append(entry.message_id)
+        self._buried_sizes.append(len(entry.message))
+        self.buried_bytes += len(entry.message)
+        self._store._record_move(_BURY, entry.message_id, self._buried_seq, entry.deliveries)
+
+    def bury_front(self) -> None:
+        deliveries = self.front_deliveries()
+        taken = self._take()
+        assert taken is not None
+        message_id, message = taken
+        self._delivered.pop(message_id, None)
+        self.bury(Entry(message_id, message, deliveries))
+
+    @property
+    def num_buried(self) -> int:
+        """How many of its messages are buried."""
+        return len(self._buried_ids) - self._buried_first
+
+    def kick(self, most: int) -> int:
+        kicked = min(most, self.num_buried)
+        if not kicked:
+            return 0
+        store = self._store
+        first = self._buried_first
+        write = store._open_write()
+        for index in range(first, first + kicked):
+            message_id, size = self._buried_ids[index], self._buried_sizes[index]
+            self._back = pos = self._back + 1
+            self.num_bytes += size
+            self.buried_bytes -= size
+            store._record_move(_KICK, message_id, pos, 0)
+            # Its body is on disk: read (as the messages after the window)
+            # once this batch is written.
+            self._spilled.append((message_id, pos, None, write.batch))
+        write.spilled.add(self)
+        self._buried_first = first + kicked
+        if self._buried_first * 2 >= len(self._buried_ids):
+            del self._buried_ids[:self._buried_first]
+            del self._buried_sizes[:self._buried_first]
+            self._buried_first = 0
+        return kicked
+
+    def _recovered_buried(self, message_id: int, size: int, seq: int) -> None:
+        self._buried_ids.append(message_id)
+        self._buried_sizes.append(size)
+        self.buried_bytes += size
+        self._buried_seq = seq
+
+
+#: Moves of a message between the tables (_Write.moves).
+_BURY = 0
+_KICK = 1
 
 
 class CommitTimes(NamedTuple):
@@ -303,8 +489,8 @@ class CommitTimes(NamedTuple):
 class _Write:
     """One batch's changes, as handed to the writer thread."""
 
-    __slots__ = ("batch", "new_queues", "inserts", "fresh", "deletes", "dropped_queues", "next_id",
-                 "spilled", "opened", "handed", "began", "ended")
+    __slots__ = ("batch", "new_queues", "inserts", "fresh", "deletes", "updates", "moves", "moved",
+                 "dropped_queues", "next_id", "spilled", "opened", "handed", "began", "ended")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
@@ -315,10 +501,17 @@ class _Write:
         self.new_queues: list[tuple[int, bytes]] = []
         # Message id -> row; a message taken in the batch that added it
         # never reaches the disk.
-        self.inserts: dict[int, tuple[int, int, int, bytes]] = {}
+        self.inserts: dict[int, _Row] = {}
         #: Ids of the messages added by Puts (not put back) in this batch.
         self.fresh: set[int] = set()
         self.deletes: list[int] = []
+        # Acknowledged delivery: message id -> (new pos or None, deliveries),
+        # written after the inserts and moves; and moves between the
+        # messages and buried tables, in order: (_BURY or _KICK, id, seq or
+        # pos, deliveries).
+        self.updates: dict[int, tuple[Optional[int], int]] = {}
+        self.moves: list[tuple[int, int, int, int]] = []
+        self.moved: set[int] = set()
         self.dropped_queues: list[int] = []
         self.next_id = 0
         #: Queues with messages spilled in this batch (SqliteQueue._written).
@@ -344,8 +537,7 @@ class SqliteStore:
 
     log = Logger()
     durable = True
-    #: Not yet: reservations are not kept in the database (issue 11).
-    acknowledged_delivery = False
+    acknowledged_delivery = True
 
     def __init__(
         self,
@@ -444,11 +636,15 @@ class SqliteStore:
                 raise StoreError(f"cannot put the database {path} in WAL mode (it stays {mode!r})")
             db.execute(f"PRAGMA synchronous = {'FULL' if self.fsync == 'always' else 'NORMAL'}")
             if version == 0:
-                db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                db.executescript(f"BEGIN; {_SCHEMA} {_SCHEMA_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
             else:
                 check = [row[0] for row in db.execute("PRAGMA quick_check")]
                 if check != ["ok"]:
                     raise StoreError(f"the database {path} is damaged: {'; '.join(check[:5])}")
+                if version == 1:
+                    # Written before acknowledged delivery: no message was
+                    # handed out yet, and none is buried.
+                    db.executescript(f"BEGIN; {_SCHEMA_2} PRAGMA user_version = 2; COMMIT;")
         except sqlite3.Error as error:
             db.close()
             raise StoreError(f"cannot use the database {path}: {error}") from None
@@ -478,8 +674,17 @@ class SqliteStore:
                 owner.num_bytes = size
                 owner._on_disk = count
                 owner._read_done(self._read(queue_id, owner._tail_pos, WINDOW_MESSAGES, WINDOW_BYTES))
+            for queue_id, message_id, size, seq in db.execute(
+                "SELECT queue, id, length(body), seq FROM buried ORDER BY queue, seq"
+            ):
+                owner = by_id.get(queue_id)
+                if owner is None:
+                    raise StoreError(f"the database {self.path} is damaged: "
+                                     f"a buried message belongs to no queue")
+                owner._recovered_buried(message_id, size, seq)
             (stored_next,) = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchall()[0]
-            (highest,) = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchall()[0]
+            (highest,) = db.execute("SELECT max(coalesce((SELECT max(id) FROM messages), 0), "
+                                    "coalesce((SELECT max(id) FROM buried), 0))").fetchall()[0]
         except (sqlite3.Error, StoreError) as error:
             db.close()
             assert self._db is not None
@@ -490,22 +695,23 @@ class SqliteStore:
         self._next_id = max(stored_next, highest + 1)
         self._id_mark = stored_next
 
-    def _read(self, queue_id: int, after_pos: int, most: int, most_bytes: int) -> list[tuple[int, int, bytes]]:
+    def _read(self, queue_id: int, after_pos: int, most: int,
+              most_bytes: int) -> list[tuple[int, int, bytes, int]]:
         """The oldest messages of a queue after ``after_pos``: at most ``most``,
-        and ``most_bytes`` bytes but for the first."""
-        rows: list[tuple[int, int, bytes]] = []
+        and ``most_bytes`` bytes but for the first; (id, pos, body, deliveries)."""
+        rows: list[tuple[int, int, bytes, int]] = []
         size = 0
         assert self._reader is not None
         cursor = self._reader.execute(
-            "SELECT id, pos, body FROM messages WHERE queue = ? AND pos > ? ORDER BY pos LIMIT ?",
+            "SELECT id, pos, body, deliveries FROM messages WHERE queue = ? AND pos > ? ORDER BY pos LIMIT ?",
             (queue_id, after_pos, most),
         )
         try:
-            for message_id, pos, body in cursor:
+            for message_id, pos, body, deliveries in cursor:
                 size += len(body)
                 if rows and size > most_bytes:
                     break
-                rows.append((message_id, pos, bytes(body)))
+                rows.append((message_id, pos, bytes(body), deliveries))
         finally:
             # Not left open: an open read holds its snapshot (PyPy closes
             # it only when collected), hiding new rows and stalling the
@@ -579,7 +785,7 @@ class SqliteStore:
                 self._scheduled = self._reactor.callLater(0, self._write_pending)
         return write
 
-    def _record_insert(self, message_id: int, row: tuple[int, int, int, bytes], fresh: bool) -> _Write:
+    def _record_insert(self, message_id: int, row: _Row, fresh: bool) -> _Write:
         write = self._write or self._open_write()
         write.inserts[message_id] = row
         if fresh:
@@ -588,10 +794,33 @@ class SqliteStore:
 
     def _record_delete(self, message_id: int) -> None:
         write = self._write or self._open_write()
+        if write.updates:
+            write.updates.pop(message_id, None)
         if write.inserts.pop(message_id, None) is not None:
             write.fresh.discard(message_id)
         else:
             write.deletes.append(message_id)
+
+    def _record_update(self, message_id: int, pos: Optional[int], deliveries: int) -> None:
+        """A message's deliveries, and its pos if not None, change."""
+        write = self._write or self._open_write()
+        row = write.inserts.get(message_id)
+        if row is not None and message_id not in write.moved:
+            # Added in this batch: written as it is now.
+            write.inserts[message_id] = (row[0], row[1], row[2] if pos is None else pos, row[3], deliveries)
+            return
+        if pos is None:
+            previous = write.updates.get(message_id)
+            if previous is not None:
+                pos = previous[0]
+        write.updates[message_id] = (pos, deliveries)
+
+    def _record_move(self, kind: int, message_id: int, place: int, deliveries: int) -> None:
+        """A message is buried (``place`` its seq) or kicked back (``place`` its pos)."""
+        write = self._write or self._open_write()
+        write.updates.pop(message_id, None)
+        write.moves.append((kind, message_id, place, deliveries))
+        write.moved.add(message_id)
 
     # Writing -------------------------------------------------------------------
 
@@ -602,6 +831,7 @@ class SqliteStore:
         write = self._write
         if write is not None and self.failure is None and not (
             write.inserts or write.deletes or write.new_queues or write.dropped_queues or write.spilled
+            or write.updates or write.moves
         ):
             # Nothing to write: every message it added was taken in the
             # same batch (handed to a waiting Get).  Its replies may go now,
@@ -654,6 +884,10 @@ class SqliteStore:
                 db.executemany("INSERT OR REPLACE INTO queues (id, name) VALUES (?, ?)", write.new_queues)
             if write.inserts:
                 _insert_rows(db, list(write.inserts.values()))
+            if write.moves:
+                _move_rows(db, write.moves)
+            if write.updates:
+                _update_rows(db, write.updates)
             if write.deletes:
                 _delete_rows(db, write.deletes)
             if write.next_id:
@@ -675,7 +909,8 @@ class SqliteStore:
         self.commits += 1
         if write.next_id:
             self._id_mark = write.next_id
-        rows = len(write.new_queues) + len(write.inserts) + len(write.deletes) + len(write.dropped_queues)
+        rows = (len(write.new_queues) + len(write.inserts) + len(write.deletes) + len(write.dropped_queues)
+                + len(write.updates) + len(write.moves))
         self.rows_written += rows
         if self.commit_observer is not None:
             self.commit_observer(CommitTimes(write.handed - write.opened, write.began - write.handed,
@@ -721,12 +956,21 @@ class SqliteStore:
         retry.inserts = {i: row for i, row in write.inserts.items() if i not in refused}
         retry.fresh = write.fresh - refused
         retry.deletes = list(write.deletes)
+        retry.moves = list(write.moves)
+        retry.moved = set(write.moved)
+        retry.updates = dict(write.updates)
         retry.dropped_queues = list(write.dropped_queues)
         retry.spilled = set(write.spilled)
         if kept is not None:
             retry.inserts.update(kept.inserts)
             retry.fresh |= kept.fresh
             retry.deletes += kept.deletes
+            # (A later move makes an earlier change of the message moot.)
+            for message_id in kept.moved:
+                retry.updates.pop(message_id, None)
+            retry.updates.update(kept.updates)
+            retry.moves += kept.moves
+            retry.moved |= kept.moved
             retry.dropped_queues += kept.dropped_queues
             retry.spilled |= kept.spilled
         # Replies held for this batch: refused Puts are answered now; the
