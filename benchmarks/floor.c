@@ -10,6 +10,8 @@
  *   Put       OK
  *   Get       OK + the benchmark message of the size named by the queue's last
  *             dot-separated field (the very bytes mqmq would send)
+ *   Reserve   OK + the same message + id "1" + deliveries "1"
+ *   Ack       OK
  *   Info      OK + {"NumConnections":N,"NumQueues":0,"NumMessages":0,"Queues":{}}
  *   Quit      the replies due are sent, then the connection is closed
  *   other     Error REQUEST_UNKNOWN_COMMAND, then the connection is closed
@@ -98,8 +100,8 @@ static buf_t frame2(const char *a, const void *b, size_t blen) {
 
 static buf_t OK, UNKNOWN, INFO_REPLY;
 
-/* Get replies, by queue name (a handful of names per run). */
-typedef struct { unsigned char *name; size_t len; buf_t reply; } cached_t;
+/* Get and Reserve replies, by queue name (a handful of names per run). */
+typedef struct { unsigned char *name; size_t len; buf_t reply, reserved; } cached_t;
 static cached_t *cache;
 static size_t cache_len, cache_cap;
 
@@ -116,9 +118,9 @@ static size_t size_of_queue(const unsigned char *name, size_t len) {
     return size;
 }
 
-static buf_t *get_reply(const unsigned char *name, size_t len) {
+static cached_t *replies_for(const unsigned char *name, size_t len) {
     for (size_t i = 0; i < cache_len; i++)
-        if (cache[i].len == len && memcmp(cache[i].name, name, len) == 0) return &cache[i].reply;
+        if (cache[i].len == len && memcmp(cache[i].name, name, len) == 0) return &cache[i];
     if (cache_len == cache_cap) {
         cache_cap = cache_cap ? 2 * cache_cap : 16;
         cache = realloc(cache, cache_cap * sizeof *cache);
@@ -135,8 +137,11 @@ static buf_t *get_reply(const unsigned char *name, size_t len) {
     memcpy(c->name, name, len);
     c->len = len;
     c->reply = frame2("OK", body, size);
+    const void *v[4] = { "OK", body, "1", "1" };
+    size_t l[4] = { 2, size, 1, 1 };
+    c->reserved = frame(4, v, l);
     free(body);
-    return &c->reply;
+    return c;
 }
 
 static void refresh_info(void) {
@@ -224,7 +229,13 @@ static int answer(conn_t *c) {
         } else if (length >= 11 && first == 3 && memcmp(f + 4, "Get", 3) == 0) {
             uint32_t name_len = get32(f + 7);
             if (name_len > length - 11) name_len = length - 11;
-            queue_reply(c, get_reply(f + 11, name_len));
+            queue_reply(c, &replies_for(f + 11, name_len)->reply);
+        } else if (length >= 15 && first == 7 && memcmp(f + 4, "Reserve", 7) == 0) {
+            uint32_t name_len = get32(f + 11);
+            if (name_len > length - 15) name_len = length - 15;
+            queue_reply(c, &replies_for(f + 15, name_len)->reserved);
+        } else if (length >= 7 && first == 3 && memcmp(f + 4, "Ack", 3) == 0) {
+            queue_reply(c, &OK);
         } else if (length >= 8 && first == 4 && memcmp(f + 4, "Info", 4) == 0) {
             refresh_info();
             queue_reply(c, &INFO_REPLY);

@@ -5,12 +5,15 @@
  * not the expected one, a count does not add up, or nothing comes for 30 s.
  *
  *   loadgen stream --addr HOST:PORT --queue Q [--conns C] [--window W]
- *           --phase pairs:N|puts:N|gets:N [--phase ...]
+ *           --phase pairs:N|puts:N|gets:N|acks:N [--phase ...]
  *           [--warmup-pairs P] [--get-timeout MS] [--idle K [--expect-conns] [--rss-pid PID]]
  *       C connections, each working through the phases (N requests each) with
  *       W requests in flight: after each read, one request per reply it
  *       brought, all in one writev.  One connection is driven
  *       with blocking calls, several with epoll in one thread.
+ *       acks:N: N Reserve + Ack pairs (2N requests; the queue must hold N
+ *       messages): each Reserve's reply brings the id its Ack sends back,
+ *       Acks go out before new Reserves, and the window counts both.
  *   loadgen consumers --addr HOST:PORT --queue Q --total N [--producers 4]
  *           [--consumers 4] [--window 128] [--get-timeout 1000]
  *           [--multiplex | --consumer-window G]
@@ -116,7 +119,10 @@ static size_t size_of_queue(const char *name) {
 
 /* --- Requests and expected replies ------------------------------------------ */
 
-static buf_t PUT, GET, GET_REPLY, OK_REPLY, TIMEOUT_REPLY, INFO_REQ;
+static buf_t PUT, GET, GET_REPLY, OK_REPLY, TIMEOUT_REPLY, INFO_REQ, RESERVE;
+static const char *g_queue;
+/* Room for an Ack frame: its header, "Ack", the queue and an id (at most 64 bytes). */
+#define ACK_ROOM(queue_len) (4 + 4 + 3 + 4 + (queue_len) + 4 + 64)
 
 static void build_requests(const char *queue, int get_timeout_ms) {
     size_t size = size_of_queue(queue);
@@ -131,6 +137,10 @@ static void build_requests(const char *queue, int get_timeout_ms) {
     const void *gv[3] = { "Get", queue, timeout };
     size_t gl[3] = { 3, strlen(queue), strlen(timeout) };
     GET = frame(3, gv, gl);
+    const void *sv[3] = { "Reserve", queue, timeout };
+    size_t sl[3] = { 7, strlen(queue), strlen(timeout) };
+    RESERVE = frame(3, sv, sl);
+    g_queue = queue;
     const void *rv[2] = { "OK", body };
     size_t rl[2] = { 2, size };
     GET_REPLY = frame(2, rv, rl);
@@ -247,7 +257,12 @@ static void write_all(int fd, struct iovec *iov, int count, long good) {
 /* --- Streams --------------------------------------------------------------------- */
 
 typedef struct { const buf_t *req, *rep; } item_t;
-typedef struct { item_t pat[2]; int npat; long count; } phase_t;
+/* A phase: `count` requests, after the pattern; or, with `acks`, Reserve +
+   Ack pairs (count = 2 x pairs), the Acks made from the Reserves' replies. */
+typedef struct { item_t pat[2]; int npat; long count; int acks; } phase_t;
+
+/* What a request in flight was, for its reply: */
+enum { KIND_PATTERN, KIND_RESERVE, KIND_ACK };
 
 typedef struct {
     int fd;
@@ -264,6 +279,14 @@ typedef struct {
     uint64_t first_send, last_recv;
     struct iovec *iov;
     long recv_calls, send_calls;
+    /* acks phases: each request's kind (a ring of window entries), the Reserves
+       sent in the current phase, and the Acks ready to go (a ring of window
+       frames of ack_room bytes each, from ack_head, ack_ready of them). */
+    u8 *kinds;
+    long reserves_sent;
+    u8 *acks;
+    size_t ack_room;
+    long ack_head, ack_ready;
 } stream_t;
 
 static size_t largest_reply(phase_t *phases, int n) {
@@ -271,6 +294,8 @@ static size_t largest_reply(phase_t *phases, int n) {
     for (int p = 0; p < n; p++)
         for (int i = 0; i < phases[p].npat; i++)
             if (phases[p].pat[i].rep->len > m) m = phases[p].pat[i].rep->len;
+    for (int p = 0; p < n; p++)  /* a Reserve's reply: the Get's, an id and a count */
+        if (phases[p].acks && GET_REPLY.len + 4 + 64 + 4 + 20 > m) m = GET_REPLY.len + 4 + 64 + 4 + 20;
     return m;
 }
 
@@ -288,7 +313,11 @@ static void stream_init(stream_t *s, int fd, phase_t *phases, int nphases, int w
     if (s->cap < (1u << 18)) s->cap = 1u << 18;
     s->buf = malloc(s->cap);
     s->iov = malloc((size_t)window * sizeof *s->iov);
-    if (!s->sent_at || (keep_latency && !s->lat) || !s->buf || !s->iov) fail("out of memory");
+    s->kinds = calloc((size_t)window, 1);
+    s->ack_room = ACK_ROOM(strlen(g_queue));
+    s->acks = malloc((size_t)window * s->ack_room);
+    if (!s->sent_at || (keep_latency && !s->lat) || !s->buf || !s->iov || !s->kinds || !s->acks)
+        fail("out of memory");
     while (s->recv_phase < nphases && phases[s->recv_phase].count == 0) s->recv_phase++;
     while (s->send_phase < nphases && phases[s->send_phase].count == 0) s->send_phase++;
 }
@@ -298,6 +327,8 @@ static void stream_free(stream_t *s) {
     free(s->lat);
     free(s->buf);
     free(s->iov);
+    free(s->kinds);
+    free(s->acks);
 }
 
 /* Send up to `most` requests (bounded by the window and the total) in one writev. */
@@ -309,20 +340,62 @@ static void stream_send(stream_t *s, long most) {
     if (n <= 0) return;
     for (long k = 0; k < n; k++) {
         phase_t *ph = &s->phases[s->send_phase];
-        const buf_t *req = ph->pat[s->send_pos % ph->npat].req;
-        s->iov[k].iov_base = req->data;
-        s->iov[k].iov_len = req->len;
+        u8 *kind = &s->kinds[(s->sent + k) % s->window];
+        if (!ph->acks) {
+            const buf_t *req = ph->pat[s->send_pos % ph->npat].req;
+            s->iov[k].iov_base = req->data;
+            s->iov[k].iov_len = req->len;
+            *kind = KIND_PATTERN;
+        } else if (s->ack_ready) {
+            u8 *ack = s->acks + (size_t)(s->ack_head % s->window) * s->ack_room;
+            s->iov[k].iov_base = ack;
+            s->iov[k].iov_len = 4 + get32(ack);
+            s->ack_head++;
+            s->ack_ready--;
+            *kind = KIND_ACK;
+        } else if (s->reserves_sent < ph->count / 2) {
+            s->iov[k].iov_base = RESERVE.data;
+            s->iov[k].iov_len = RESERVE.len;
+            s->reserves_sent++;
+            *kind = KIND_RESERVE;
+        } else {
+            n = k;  /* the rest wait for their Reserves' replies */
+            break;
+        }
         if (++s->send_pos == ph->count) {
             s->send_pos = 0;
+            s->reserves_sent = 0;
             do s->send_phase++; while (s->send_phase < s->nphases && s->phases[s->send_phase].count == 0);
         }
     }
+    if (n <= 0) return;
     uint64_t t = now_ns();
     if (!s->first_send) s->first_send = t;
     for (long k = 0; k < n; k++) s->sent_at[(s->sent + k) % s->window] = t;
     write_all(s->fd, s->iov, (int)n, s->replied);
     __atomic_store_n(&s->sent, s->sent + n, __ATOMIC_RELEASE);
     s->send_calls++;
+}
+
+/* A Reserve's reply: OK, the benchmark message, an id and a deliveries
+   count; its Ack is made ready to send. */
+static void reserved(stream_t *s, const u8 *got, size_t len) {
+    size_t get_len = GET_REPLY.len;  /* OK and the message, as a Get's reply */
+    if (len < get_len + 8 || get32(got) != len - 4 || get32(got + 4) != 2 || memcmp(got + 8, "OK", 2) != 0
+        || memcmp(got + 10, GET_REPLY.data + 10, get_len - 10) != 0)
+        unexpected(got, len, &GET_REPLY, s->replied);
+    const u8 *p = got + get_len;
+    uint32_t id_len = get32(p);
+    if (id_len == 0 || id_len > 64 || get_len + 4 + id_len + 4 > len) unexpected(got, len, &GET_REPLY, s->replied);
+    uint32_t count_len = get32(p + 4 + id_len);
+    if (count_len == 0 || get_len + 8 + id_len + count_len != len) unexpected(got, len, &GET_REPLY, s->replied);
+    u8 *ack = s->acks + (size_t)((s->ack_head + s->ack_ready) % s->window) * s->ack_room;
+    size_t queue_len = strlen(g_queue), o = 4;
+    put32(ack + o, 3); memcpy(ack + o + 4, "Ack", 3); o += 7;
+    put32(ack + o, (uint32_t)queue_len); memcpy(ack + o + 4, g_queue, queue_len); o += 4 + queue_len;
+    put32(ack + o, id_len); memcpy(ack + o + 4, p + 4, id_len); o += 4 + id_len;
+    put32(ack, (uint32_t)(o - 4));
+    s->ack_ready++;
 }
 
 /* One receive call; checks every whole reply.  The number of replies it brought. */
@@ -351,9 +424,14 @@ static long stream_recv(stream_t *s) {
         if (s->replied == __atomic_load_n(&s->sent, __ATOMIC_ACQUIRE) || s->recv_phase >= s->nphases)
             fail("a reply came with no request in flight, after %ld replies", s->replied);
         phase_t *ph = &s->phases[s->recv_phase];
-        const buf_t *exp = ph->pat[s->recv_pos % ph->npat].rep;
-        if (exp->len != stop - off || memcmp(exp->data, s->buf + off, exp->len) != 0)
-            unexpected(s->buf + off, stop - off, exp, s->replied);
+        int kind = s->kinds[s->replied % s->window];
+        if (kind == KIND_RESERVE) {
+            reserved(s, s->buf + off, stop - off);
+        } else {
+            const buf_t *exp = kind == KIND_ACK ? &OK_REPLY : ph->pat[s->recv_pos % ph->npat].rep;
+            if (exp->len != stop - off || memcmp(exp->data, s->buf + off, exp->len) != 0)
+                unexpected(s->buf + off, stop - off, exp, s->replied);
+        }
         if (s->lat) s->lat[s->replied] = t - s->sent_at[s->replied % s->window];
         s->replied++;
         if (++s->recv_pos == ph->count) {
@@ -500,8 +578,9 @@ static void parse_phase(opts_t *o, const char *spec) {
     if (o->nphases == 8) fail("too many phases");
     phase_t *ph = &o->phases[o->nphases++];
     const char *colon = strchr(spec, ':');
-    if (!colon) fail("bad phase %s: want pairs:N, puts:N or gets:N", spec);
+    if (!colon) fail("bad phase %s: want pairs:N, puts:N, gets:N or acks:N", spec);
     ph->count = atol(colon + 1);
+    ph->acks = 0;
     if (strncmp(spec, "pairs:", 6) == 0) {
         ph->npat = 2;
         ph->pat[0] = (item_t){ &PUT, &OK_REPLY };
@@ -512,8 +591,12 @@ static void parse_phase(opts_t *o, const char *spec) {
     } else if (strncmp(spec, "gets:", 5) == 0) {
         ph->npat = 1;
         ph->pat[0] = (item_t){ &GET, &GET_REPLY };
+    } else if (strncmp(spec, "acks:", 5) == 0) {
+        ph->npat = 0;
+        ph->acks = 1;
+        ph->count *= 2;
     } else {
-        fail("bad phase %s: want pairs:N, puts:N or gets:N", spec);
+        fail("bad phase %s: want pairs:N, puts:N, gets:N or acks:N", spec);
     }
 }
 

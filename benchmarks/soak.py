@@ -376,7 +376,9 @@ class Soak:
 
 
 def _start_server(store: Optional[str] = None) -> tuple[subprocess.Popen[str], str]:
-    """``mqmq start`` on port 0 of loopback, and the address it got."""
+    """``mqmq start`` on port 0 of loopback, and the address it got; its log
+    goes on to this process's standard error (each server's lines once it
+    starts, so that a failure shows what the server said)."""
     command = [sys.executable, "-m", "mqmq", "start", "-addr", "127.0.0.1:0"]
     if store is not None:
         command += ["--store", store]
@@ -386,10 +388,15 @@ def _start_server(store: Optional[str] = None) -> tuple[subprocess.Popen[str], s
         match = re.search(r"starting server: (127\.0\.0\.1:\d+)", line)
         if match:
             # Keep reading its log, so that the server never blocks writing it.
-            threading.Thread(target=server.stderr.read, daemon=True).start()
+            threading.Thread(target=_copy_log, args=(server.stderr,), daemon=True).start()
             return server, match.group(1)
     server.kill()
     raise SystemExit("the server did not start")
+
+
+def _copy_log(log: Any) -> None:
+    for line in log:
+        sys.stderr.write("server: " + line)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
