@@ -104,6 +104,11 @@ def test_every_message_is_in_exactly_one_place_in_order(steps: list[tuple[str, s
 @settings(max_examples=100, deadline=None)
 @given(steps=steps(ACTIONS + ["restart"]))
 # Reserved, released, reserved again and buried, kicked, all in one write.
+# Released into an empty window, then a kicked message read from the disk
+# (the read must not take the messages still reserved).
+@example(steps=[("put", "a", 0)] * 3 + [("reserve", "a", 0)] * 3 + [
+    ("bury", "a", 2), ("release", "a", 1), ("kick", "a", 1),
+    ("reserve", "b", 0), ("reserve", "b", 0), ("reserve", "b", 0)])
 @example(steps=[("put", "a", 0), ("reserve", "a", 0), ("release", "a", 0), ("reserve", "a", 0),
                 ("bury", "a", 0), ("kick", "a", 0), ("reserve", "a", 0), ("restart", "a", 0),
                 ("reserve", "b", 0)])

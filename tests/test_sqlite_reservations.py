@@ -225,3 +225,88 @@ def test_a_buried_message_of_no_queue_is_damage(tmp_path: Path) -> None:
         db.execute("INSERT INTO buried (id, queue, seq, body, deliveries) VALUES (1, 9, 1, x'00', 1)")
     with pytest.raises(StoreError, match="damaged: a buried message belongs to no queue"):
         started(path)
+
+
+class WritesByHand:
+    """The store's commits run (or fail) only when told; everything else at once."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def __call__(self, function: Any, *args: Any) -> defer.Deferred[Any]:
+        if function.__name__ != "_commit":
+            return defer.maybeDeferred(function, *args)
+        done: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append((function, args, done))
+        return done
+
+    def commit(self) -> None:
+        function, args, done = self.pending.pop(0)
+        done.callback(function(*args))
+
+    def fail(self) -> None:
+        _, _, done = self.pending.pop(0)
+        done.errback(sqlite3.OperationalError("database or disk is full"))
+
+
+def by_hand(path: Path) -> tuple[task.Clock, Broker, WritesByHand]:
+    writes = WritesByHand()
+    clock = task.Clock()
+    broker = Broker(clock, Limits(), SqliteStore(str(path), "always", clock, run_writes=writes,
+                                                 run_reads=defer.maybeDeferred))
+    broker.startService()
+    return clock, broker, writes
+
+
+def settled(clock: task.Clock, writes: WritesByHand) -> None:
+    clock.advance(0)
+    while writes.pending:
+        writes.commit()
+        clock.advance(0)
+
+
+def test_a_message_taken_while_its_put_is_written_survives_two_failed_writes_buried_and_kicked(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    clock, broker, writes = by_hand(path)
+    settled(clock, writes)
+    broker.put(b"q", b"X")
+    clock.advance(0)  # its write goes to the writer...
+    taken = reserve(broker)  # ...and the message is taken meanwhile
+    writes.fail()
+    broker.bury(b"q", taken.message_id, OWNER)
+    assert broker.kick(b"q", 1) == 1
+    clock.advance(sqlite.RETRY_SECONDS)
+    writes.fail()  # the retry fails too: kept for the next one
+    assert broker.store.failure is not None and broker.store.pending is not None
+    clock.advance(sqlite.RETRY_SECONDS)
+    settled(clock, writes)
+    assert broker.store.failure is None
+    again = reserve(broker)
+    assert (again.message_id, again.message, again.deliveries) == (taken.message_id, b"X", 1)
+    settled(clock, writes)
+    assert rows(path, "SELECT body, deliveries FROM messages") == [(b"X", 1)]
+
+
+def test_a_release_in_a_failed_write_keeps_its_place_when_reserved_again_before_the_retry(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    clock, broker, writes = by_hand(path)
+    for message in (b"a", b"b", b"c"):
+        broker.put(b"q", message)
+    a, b = reserve(broker), reserve(broker)
+    settled(clock, writes)
+    broker.release(b"q", b.message_id, OWNER)
+    settled(clock, writes)
+    broker.release(b"q", a.message_id, OWNER)  # a in front of b...
+    clock.advance(0)
+    assert reserve(broker).message == b"a"  # ...taken again before that write is done
+    writes.fail()
+    clock.advance(sqlite.RETRY_SECONDS)
+    settled(clock, writes)
+    crashed(clock, broker)
+    clock, again = started(path)
+    assert [reserve(again).message for _ in range(3)] == [b"a", b"b", b"c"]
+    crashed(clock, again)

@@ -257,13 +257,13 @@ class SqliteQueue:
         store._record_insert(message_id, (message_id, self.queue_id, self._front, message, 0), fresh=False)
 
     def _to_front(self, message_id: int, message: bytes) -> None:
+        # (_tail_pos stays: rows before it that are not in the window are
+        # gone or reserved, and a read must never take a reserved one.)
         self._front -= 1
         self._ids.appendleft(message_id)
         self._messages.appendleft(message)
         self._window_bytes += len(message)
         self.num_bytes += len(message)
-        if len(self._messages) == 1 and not (self._on_disk or self._spilled):
-            self._tail_pos = self._front
 
     def pop(self) -> Optional[bytes]:
         taken = self._take()
@@ -359,7 +359,8 @@ class SqliteQueue:
         for index in range(len(spilled) - 1, -1, -1):
             if spilled[index][0] == message_id:
                 message = spilled[index][2]
-                assert message is not None  # (a Put's, not a kicked one)
+                if message is None:
+                    return None  # kicked: it had been taken, and is kept
                 del spilled[index]
                 self.num_bytes -= len(message)
                 return message
@@ -558,6 +559,8 @@ class SqliteStore:
         self.failure: Optional[str] = None
         self._write: Optional[_Write] = None
         self._writing = False
+        # The write handed to the writer thread, until it is done.
+        self._in_flight: Optional[_Write] = None
         #: Transactions written, and the changes (rows) they held, since start.
         self.commits = 0
         self.rows_written = 0
@@ -801,8 +804,16 @@ class SqliteStore:
         else:
             write.deletes.append(message_id)
 
+    def _taken(self, message_id: int) -> None:
+        """A message is handed out: should the write that adds it fail, it
+        is kept (written by the retry), its Put not refused."""
+        for write in (self._in_flight, self._write):
+            if write is not None:
+                write.fresh.discard(message_id)
+
     def _record_update(self, message_id: int, pos: Optional[int], deliveries: int) -> None:
         """A message's deliveries, and its pos if not None, change."""
+        self._taken(message_id)
         write = self._write or self._open_write()
         row = write.inserts.get(message_id)
         if row is not None and message_id not in write.moved:
@@ -817,6 +828,7 @@ class SqliteStore:
 
     def _record_move(self, kind: int, message_id: int, place: int, deliveries: int) -> None:
         """A message is buried (``place`` its seq) or kicked back (``place`` its pos)."""
+        self._taken(message_id)
         write = self._write or self._open_write()
         write.updates.pop(message_id, None)
         write.moves.append((kind, message_id, place, deliveries))
@@ -862,6 +874,7 @@ class SqliteStore:
             # would not show whether the disk is back.)
             write.next_id = self._next_id + ID_BLOCK
         self._writing = True
+        self._in_flight = write
         write.handed = perf_counter()
         writing = self._run(self._commit, write)
         writing.addCallbacks(self._written, self._write_failed, callbackArgs=(write,), errbackArgs=(write,))
@@ -905,6 +918,7 @@ class SqliteStore:
     def _written(self, _: object, write: _Write) -> None:
         answered = perf_counter()
         self._writing = False
+        self._in_flight = None
         self._unsynced = True
         self.commits += 1
         if write.next_id:
@@ -928,6 +942,7 @@ class SqliteStore:
 
     def _write_failed(self, reason: Failure, write: _Write) -> None:
         self._writing = False
+        self._in_flight = None
         error = reason.value
         if not isinstance(error, (sqlite3.Error, OSError)):
             self.log.failure("writing to the database {path} failed", reason, path=self.path)
@@ -968,7 +983,11 @@ class SqliteStore:
             # (A later move makes an earlier change of the message moot.)
             for message_id in kept.moved:
                 retry.updates.pop(message_id, None)
-            retry.updates.update(kept.updates)
+            for message_id, (pos, deliveries) in kept.updates.items():
+                earlier = retry.updates.get(message_id)
+                if pos is None and earlier is not None:
+                    pos = earlier[0]  # (a move to the front, then a count)
+                retry.updates[message_id] = (pos, deliveries)
             retry.moves += kept.moves
             retry.moved |= kept.moved
             retry.dropped_queues += kept.dropped_queues
