@@ -28,6 +28,7 @@ from mqmq.wire.info import (
     encode_info_header,
     queue_name_text,
 )
+from mqmq.broker.leases import Leases
 from mqmq.broker.limits import Limits
 from mqmq.stores.base import Entry, ReservingQueue, Store, StoredQueue
 from mqmq.stores.memory import MemoryStore
@@ -164,6 +165,8 @@ class Reservation:
         self.entry = entry
         #: None once released with a delay: nobody's, back when it ends.
         self.owner: object = owner
+        #: Once released with a delay: when it comes back.  (Its lease is
+        #: kept by the broker's Leases.)
         self.timer: Optional[IDelayedCall] = None
 
 
@@ -224,6 +227,8 @@ class Broker(service.Service):
         self._owned: dict[object, dict[tuple[bytes, int], Reservation]] = {}
         # Released with a delay, waiting to come back.
         self._delayed: set[Reservation] = set()
+        # Each reservation's lease (not those released with a delay).
+        self._leases: Leases[Reservation] = Leases(clock, self._lease_ended)
         #: Messages reserved (delayed releases included) and buried, across queues.
         self.num_reserved = 0
         self.num_buried = 0
@@ -752,7 +757,7 @@ class Broker(service.Service):
         key = (queue_name, entry.message_id)
         self._reservations[key] = reservation
         self._owned.setdefault(owner, {})[key] = reservation
-        reservation.timer = self.clock.callLater(lease, self._lease_ended, reservation)
+        self._leases.start(reservation, lease)
         self.reservations_seen = True
 
     def _reservation(self, queue_name: bytes, message_id: int, owner: object) -> Reservation:
@@ -779,8 +784,7 @@ class Broker(service.Service):
         del owned[key]
         if not owned:
             del self._owned[reservation.owner]
-        if reservation.timer is not None and reservation.timer.active():
-            reservation.timer.cancel()
+        self._leases.end(reservation)
 
     def _done_with(self, queue: QueueState, entry: Entry) -> None:
         cast(ReservingQueue, queue.messages).ack(entry)
@@ -830,8 +834,7 @@ class Broker(service.Service):
     def touch(self, queue_name: bytes, message_id: int, owner: object, lease: float) -> None:
         """Restart a reservation's lease: ``lease`` seconds from now."""
         reservation = self._reservation(queue_name, message_id, owner)
-        assert reservation.timer is not None
-        reservation.timer.reset(lease)
+        self._leases.start(reservation, lease)
 
     def bury(self, queue_name: bytes, message_id: int, owner: object) -> None:
         """Set a reserved message aside until kicked."""
