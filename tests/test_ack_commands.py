@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mqmq import errors
@@ -25,7 +25,10 @@ from mqmq.wire.commands import (
     Touch,
     parse_lease,
     parse_request,
+    parse_usual_ack,
+    parse_usual_reserve,
 )
+from mqmq.wire.codec import decode_payload, encode_frame
 
 
 def error_type(values: Sequence[bytes]) -> str:
@@ -117,3 +120,46 @@ def test_a_lease_is_a_number_of_ms_from_1_to_12_hours(value: int) -> None:
         with pytest.raises(RequestError) as caught:
             parse_lease(raw)
         assert caught.value.error_type == errors.BAD_LEASE
+
+
+# The usual Reserve and Ack, parsed without parse_request: whenever those
+# answer, parse_request says the same; and they answer for the usual shapes.
+
+numbers = st.one_of(
+    st.integers(0, 10**21).map(lambda n: b"%d" % n),
+    st.sampled_from([b"", b"0", b"00", b"007", b"+5", b"-1", b" 1", b"1 ", b"\xc2\xb2", b"3600000",
+                     b"3600001", b"43200000", b"43200001", b"99999999", b"18446744073709551616"]),
+    st.binary(max_size=4),
+)
+queues = st.one_of(st.binary(max_size=8), st.sampled_from([b"q" * MAX_QUEUE_NAME_LENGTH,
+                                                           b"q" * (MAX_QUEUE_NAME_LENGTH + 1)]))
+
+
+@settings(max_examples=1000)
+@given(command=st.sampled_from([b"Ack", b"Reserve", b"Release", b"Acks", b"Reserv"]), queue=queues,
+       rest=st.lists(numbers, max_size=3), cut=st.integers(0, 8))
+@example(command=b"Ack", queue=b"q", rest=[b"007"], cut=0)
+@example(command=b"Reserve", queue=b"q", rest=[b"3600001"], cut=0)
+@example(command=b"Reserve", queue=b"q", rest=[b"5", b"43200001"], cut=0)
+@example(command=b"Reserve", queue=b"q" * (MAX_QUEUE_NAME_LENGTH + 1), rest=[b"5"], cut=0)
+def test_the_usual_reserve_and_ack_parse_as_parse_request_does(
+    command: bytes, queue: bytes, rest: list[bytes], cut: int,
+) -> None:
+    payload = encode_frame([command, queue, *rest])[4:]
+    for candidate in (payload, payload[:len(payload) - cut]):
+        try:
+            values = decode_payload(candidate)
+            expected: object = parse_request(values)
+        except (RequestError, errors.MalformedFrame) as error:
+            expected = type(error)
+        acked, reserve = parse_usual_ack(candidate), parse_usual_reserve(candidate)
+        if acked is not None:
+            assert expected == Ack(acked[0], b"%d" % acked[1])
+        if reserve is not None:
+            assert expected == reserve
+
+
+def test_the_usual_shapes_take_the_short_way() -> None:
+    assert parse_usual_ack(encode_frame([b"Ack", b"q", b"12345"])[4:]) == (b"q", 12345)
+    assert parse_usual_reserve(encode_frame([b"Reserve", b"q", b"0"])[4:]) == Reserve(b"q", 1, DEFAULT_LEASE_MS)
+    assert parse_usual_reserve(encode_frame([b"Reserve", b"", b"250", b"60000"])[4:]) == Reserve(b"", 250, 60000)

@@ -33,6 +33,8 @@ from mqmq.wire.commands import (
     Reserve,
     Touch,
     parse_request,
+    parse_usual_ack,
+    parse_usual_reserve,
 )
 from mqmq.wire.framing import FrameReceiver
 from mqmq.server.liveness import peer_has_gone
@@ -327,6 +329,20 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def stringReceived(self, payload: bytes) -> None:
         try:
+            head = payload[4:7]
+            if (head == b"Ack" or head == b"Res") and self._store.acknowledged_delivery:
+                # A consumer that acks: Reserve and Ack as they usually come.
+                if head == b"Ack":
+                    acked = parse_usual_ack(payload)
+                    if acked is not None:
+                        self.broker.ack(acked[0], acked[1], self)
+                        self._promise(_OK_FRAME)
+                        return
+                else:
+                    reserve = parse_usual_reserve(payload)
+                    if reserve is not None:
+                        self._reserve(reserve)
+                        return
             command = parse_request(decode_payload(payload))
             if type(command) is Put:
                 self._put(command)

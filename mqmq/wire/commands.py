@@ -6,6 +6,7 @@ Pure: values in, a command (or a :class:`~mqmq.errors.RequestError`) out.
 from __future__ import annotations
 
 import re
+from struct import Struct
 from typing import NamedTuple, Optional, Sequence, Union
 
 from mqmq import errors
@@ -242,3 +243,56 @@ def parse_request(values: Sequence[bytes]) -> Command:
     if command in _ACKNOWLEDGEMENT_COMMANDS:
         return _parse_acknowledgement(command, values)
     raise errors.RequestError(errors.UNKNOWN_COMMAND, f"unknown command {command[:64]!r}")
+
+
+# The two requests of a consumer that acks, in their usual shape, parsed
+# without building the list of values and the command (one in two requests
+# of such a consumer is a Reserve, the other an Ack).  Any other shape gives
+# None, and parse_request then says what the request is, or what is wrong
+# with it: these never decide differently.
+
+_UINT32 = Struct(">I")
+_ACK_HEAD = b"\x00\x00\x00\x03Ack"
+_RESERVE_HEAD = b"\x00\x00\x00\x07Reserve"
+
+
+def parse_usual_ack(payload: bytes) -> Optional[tuple[bytes, int]]:
+    """``Ack``, queue, decimal id (as the server gives ids): (queue, id), or None."""
+    if payload[:7] != _ACK_HEAD or len(payload) < 15:
+        return None
+    (queue_length,) = _UINT32.unpack_from(payload, 7)
+    id_at = 11 + queue_length
+    if queue_length > MAX_QUEUE_NAME_LENGTH or id_at + 4 > len(payload):
+        return None
+    (id_length,) = _UINT32.unpack_from(payload, id_at)
+    raw = payload[id_at + 4:]
+    if len(raw) != id_length or not 0 < id_length <= 20 or not raw.isdigit() or (raw[0] == 48 and id_length > 1):
+        return None
+    return payload[11:id_at], int(raw)
+
+
+def parse_usual_reserve(payload: bytes) -> Optional[Reserve]:
+    """``Reserve``, queue, timeout-ms and maybe lease-ms, each plain digits
+    within their bounds: the command, or None."""
+    if payload[:11] != _RESERVE_HEAD or len(payload) < 19:
+        return None
+    (queue_length,) = _UINT32.unpack_from(payload, 11)
+    at = 15 + queue_length
+    end = len(payload)
+    if queue_length > MAX_QUEUE_NAME_LENGTH or at + 4 > end:
+        return None
+    (length,) = _UINT32.unpack_from(payload, at)
+    raw = payload[at + 4:at + 4 + length]
+    at += 4 + length
+    if len(raw) != length or not 0 < length < 8 or not raw.isdigit() or int(raw) > MAX_TIMEOUT_MS:
+        return None
+    timeout = int(raw) or MIN_TIMEOUT_MS
+    if at == end:
+        return Reserve(payload[15:15 + queue_length], timeout, DEFAULT_LEASE_MS)
+    if at + 4 > end:
+        return None
+    (length,) = _UINT32.unpack_from(payload, at)
+    raw = payload[at + 4:]
+    if len(raw) != length or not 0 < length < 9 or not raw.isdigit() or not 1 <= int(raw) <= MAX_LEASE_MS:
+        return None
+    return Reserve(payload[15:15 + queue_length], timeout, int(raw))
