@@ -122,6 +122,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # Replies waiting for a durable store to write what they answer for,
         # in order: (batch, kind, value, value); None when none wait.
         self._held: Optional[deque[tuple[Batch, int, Any, Any]]] = None
+        # The last Reserve of the usual shape this connection sent, parsed.
+        self._usual_reserve: tuple[bytes, Optional[Reserve]] = (b"", None)
         self._held_batch: Optional[Batch] = None
         # Bytes of the messages among them, and whether that is past
         # MAX_HELD_MESSAGE_BYTES (then requests wait).
@@ -339,7 +341,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                         self._promise(_OK_FRAME)
                         return
                 else:
-                    reserve = parse_usual_reserve(payload)
+                    # A consumer sends the same Reserve again and again.
+                    if payload == self._usual_reserve[0]:
+                        reserve: Optional[Reserve] = self._usual_reserve[1]
+                    else:
+                        reserve = parse_usual_reserve(payload)
+                        if reserve is not None:
+                            self._usual_reserve = (payload, reserve)
                     if reserve is not None:
                         self._reserve(reserve)
                         return
@@ -448,7 +456,8 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # the reservation goes back with it (release_all): nothing to settle.
         # (Packed here rather than by encode_frame: one in two requests of a
         # consumer that acks is a Reserve.)
-        message, message_id, deliveries = entry.message, b"%d" % entry.message_id, b"%d" % entry.deliveries
+        message, message_id = entry.message, b"%d" % entry.message_id
+        deliveries = b"1" if entry.deliveries == 1 else b"%d" % entry.deliveries
         self._reply_for_store(b"".join((
             _RESERVED_HEAD.pack(18 + len(message) + len(message_id) + len(deliveries), 2, OK, len(message)),
             message, _UINT32.pack(len(message_id)), message_id, _UINT32.pack(len(deliveries)), deliveries,
