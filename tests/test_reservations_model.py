@@ -20,8 +20,7 @@ from mqmq.broker.limits import Limits
 from mqmq.errors import RequestError
 from mqmq.stores.base import Entry
 from mqmq.stores import sqlite
-from mqmq.stores.sqlite import SqliteStore
-from wire import sqlite_store
+from wire import crashed, sqlite_store
 
 LEASE = 10.0
 MAX_DELIVERIES = 3
@@ -126,16 +125,6 @@ def started(clock: task.Clock, database: Optional[Path]) -> Broker:
     broker = Broker(clock, Limits(max_deliveries=MAX_DELIVERIES), store)
     broker.startService()
     return broker
-
-
-def crashed(clock: task.Clock, broker: Broker) -> None:
-    """As kill -9 once every reply was sent (so written): nothing stopped."""
-    clock.advance(0)
-    store = broker.store
-    assert isinstance(store, SqliteStore) and store.pending is None
-    for db in (store._db, store._reader):
-        assert db is not None
-        db.close()
 
 
 def check(steps: list[tuple[str, str, int]], database: Optional[Path]) -> None:

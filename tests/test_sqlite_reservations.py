@@ -17,7 +17,7 @@ from mqmq.stores import sqlite
 from mqmq.stores.base import Entry
 from mqmq.stores.sqlite import SqliteStore
 from test_sqlite_store import failing_server, rows
-from wire import Server, sqlite_store
+from wire import Server, crashed, sqlite_store
 
 OK = [b"OK"]
 LEASE = 30.0
@@ -29,16 +29,6 @@ def started(path: Path, limits: Limits = Limits()) -> tuple[task.Clock, Broker]:
     broker = Broker(clock, limits, sqlite_store(path)(clock))
     broker.startService()
     return clock, broker
-
-
-def crashed(clock: task.Clock, broker: Broker) -> None:
-    """As kill -9 once every reply was sent (so everything was written)."""
-    clock.advance(0)
-    store = broker.store
-    assert isinstance(store, SqliteStore) and store.pending is None
-    for db in (store._db, store._reader):
-        assert db is not None
-        db.close()
 
 
 def reserve(broker: Broker, queue: bytes = b"q") -> Entry:

@@ -33,6 +33,17 @@ def sqlite_store(path: Union[str, os.PathLike[str]], fsync: str = "always") -> C
     return make
 
 
+def crashed(clock: task.Clock, broker: Broker) -> None:
+    """As kill -9 of a server on the SQLite store once every reply was sent
+    (so everything was written): its database closed, nothing stopped."""
+    clock.advance(0)
+    store = broker.store
+    assert isinstance(store, SqliteStore) and store.pending is None
+    for db in (store._db, store._reader):
+        assert db is not None
+        db.close()
+
+
 def has_due_calls(clock: task.Clock) -> bool:
     """Whether calls are due now on ``clock`` (``advance(0)`` would run them)."""
     return any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls())
