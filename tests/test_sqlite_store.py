@@ -775,6 +775,7 @@ def test_with_reads_that_answer_late_every_get_is_served_in_order_and_nothing_is
     for deferreds in received.values():
         for deferred in deferreds:
             if not deferred.called:
+                deferred.addErrback(lambda failure: failure.trap(defer.CancelledError))
                 deferred.cancel()
     stop(clock, broker)
 
