@@ -707,9 +707,14 @@ class Broker(service.Service):
     def reserve_now(self, queue_name: bytes, lease: float, owner: object) -> Optional[Entry]:
         """Reserve the oldest message of a queue for ``owner`` for ``lease``
         seconds, or ``None`` if it has none at hand (``wait_reserve`` then)."""
-        _check_name(queue_name)
-        self.check_acknowledged_delivery()
-        queue = self._queue(queue_name)
+        # The common case first, with no checks to repeat: a queue that exists.
+        queue = self._queues.get(queue_name) if type(queue_name) is bytes else None
+        if queue is None:
+            _check_name(queue_name)
+            self.check_acknowledged_delivery()
+            queue = self._queue(queue_name)
+        elif not self.store.acknowledged_delivery:
+            self.check_acknowledged_delivery()
         if queue.waiters:
             return None  # those that came first go first
         return self._reserve(queue, lease, owner)
@@ -756,7 +761,10 @@ class Broker(service.Service):
         reservation = Reservation(queue_name, entry, owner)
         key = (queue_name, entry.message_id)
         self._reservations[key] = reservation
-        self._owned.setdefault(owner, {})[key] = reservation
+        owned = self._owned.get(owner)
+        if owned is None:
+            owned = self._owned[owner] = {}
+        owned[key] = reservation
         self._leases.start(reservation, lease)
         self.reservations_seen = True
 
@@ -791,7 +799,7 @@ class Broker(service.Service):
         queue.reserved -= 1
         self.num_reserved -= 1
         self.num_bytes -= len(entry.message)
-        if queue.holds_nothing:
+        if not queue.reserved and queue.holds_nothing:
             self._touch_idle(queue)
 
     def _bury_reserved(self, queue: QueueState, entry: Entry) -> None:
