@@ -135,7 +135,7 @@ queues = st.one_of(st.binary(max_size=8), st.sampled_from([b"q" * MAX_QUEUE_NAME
                                                            b"q" * (MAX_QUEUE_NAME_LENGTH + 1)]))
 
 
-@settings(max_examples=1000)
+@settings(max_examples=300)
 @given(command=st.sampled_from([b"Ack", b"Reserve", b"Release", b"Acks", b"Reserv"]), queue=queues,
        rest=st.lists(numbers, max_size=3), cut=st.integers(0, 8))
 @example(command=b"Ack", queue=b"q", rest=[b"007"], cut=0)

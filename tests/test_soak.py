@@ -1,6 +1,6 @@
 """The soak tool's at-least-once mode runs clean, as users run it: a short
 run in a subprocess against servers it starts (memory; SQLite with SIGKILL
-cycles).  The audit is the tool's own (every acknowledged Put acked exactly
+cycles, which covers SQLite without them too).  The audit is the tool's own (every acknowledged Put acked exactly
 once, every redelivery accounted for); this checks it passed and saw the
 kills and redeliveries it is there to survive."""
 
@@ -10,8 +10,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from conftest import REPO_ROOT
 
@@ -28,21 +26,19 @@ def soak(subprocess_env: dict[str, str], *options: str) -> dict[str, object]:
 
 
 def test_at_least_once_on_the_memory_store(subprocess_env: dict[str, str]) -> None:
-    audit = soak(subprocess_env, "--duration", "2")
+    audit = soak(subprocess_env, "--duration", "1.5")
     assert audit["passed"] is True
     assert audit["missing"] == audit["acked_twice"] == audit["unaccounted"] == 0
     assert audit["consumer_drops"] and audit["redelivered"]
 
 
-@pytest.mark.parametrize("kill_every", ["0", "1"])
-def test_at_least_once_on_the_sqlite_store(subprocess_env: dict[str, str], tmp_path: Path,
-                                          kill_every: str) -> None:
+def test_at_least_once_on_the_sqlite_store_killed_with_sigkill(subprocess_env: dict[str, str],
+                                                               tmp_path: Path) -> None:
     audit = soak(subprocess_env, "--duration", "3", "--store", f"sqlite:{tmp_path / 'soak.db'}",
-                 "--kill-every", kill_every)
+                 "--kill-every", "1")
     assert audit["passed"] is True
     assert audit["missing"] == audit["acked_twice"] == audit["unaccounted"] == 0
-    assert audit["redelivered"]
-    assert bool(audit["server_kills"]) == (kill_every != "0")
+    assert audit["redelivered"] and audit["server_kills"]
 
 
 def test_kill_cycles_need_a_durable_store(subprocess_env: dict[str, str]) -> None:
