@@ -44,8 +44,12 @@ def test_an_ended_lease_never_runs_out_and_a_touched_one_starts_again() -> None:
     clock.advance(4)
     assert ended[1:] == [(9, "b")]
     running.start("e", 5)
-    running.end("e")  # the last of its length: its timer goes too
-    assert clock.getDelayedCalls() == []
+    running.end("e")  # the last of its length: its timer stays until due...
+    running.start("f", 5)  # ...and serves the next lease of that length
+    running.end("f")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(5)  # then goes, with nothing to do
+    assert clock.getDelayedCalls() == [] and ended[2:] == []
 
 
 def test_a_lease_started_as_one_runs_out_makes_no_second_timer() -> None:

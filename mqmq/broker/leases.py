@@ -6,7 +6,8 @@ it, tens of thousands of times a second.  A timer each (``callLater``, then
 ``Ack``.  Leases of one length end in the order they started (the clock
 only goes forward), so each length keeps its leases in that order, and one
 timer, due when the oldest ends, serves them all.  Clients use a handful of
-lengths (the default 30 s, their own).
+lengths (the default 30 s, their own).  A length's timer is kept until it
+comes, even once its leases have all ended: it then goes, with nothing to do.
 """
 
 from __future__ import annotations
@@ -65,14 +66,10 @@ class Leases(Generic[Holder]):
         seconds = self._length_of.pop(holder, None)
         if seconds is None:
             return
-        length = self._lengths[seconds]
-        del length.running[holder]
-        if not length.running:
-            # (While some remain, the timer stays: when it comes, it waits
-            # on for the oldest left.)
-            if length.timer is not None and length.timer.active():
-                length.timer.cancel()
-            del self._lengths[seconds]
+        # The timer stays, even for none left: when it comes, it waits on
+        # for the oldest left, if any.  (A consumer that takes one message
+        # at a time would otherwise set and cancel a timer for each.)
+        del self._lengths[seconds].running[holder]
 
     def _run_out(self, seconds: float) -> None:
         length = self._lengths.get(seconds)
@@ -90,8 +87,6 @@ class Leases(Generic[Holder]):
             del running[holder]
             del self._length_of[holder]
             self._ended(holder)
-            if self._lengths.get(seconds) is not length:
-                return  # (emptied and dropped by the callback)
         length.timer = None
         del self._lengths[seconds]
 
