@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterator, Optional, Union, cast
+from typing import Any, Callable, Iterable, Iterator, Optional, Union, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -30,6 +30,7 @@ from mqmq.wire.info import (
 )
 from mqmq.broker.leases import Leases
 from mqmq.broker.limits import Limits
+from mqmq.broker.stats import Counters
 from mqmq.stores.base import Entry, ReservingQueue, Store, StoredQueue
 from mqmq.stores.memory import MemoryStore
 
@@ -193,6 +194,9 @@ class Broker(service.Service):
     def __init__(self, clock: IReactorTime, limits: Limits = Limits(), store: Optional[Store] = None) -> None:
         self.clock = clock
         self.limits = limits
+        #: When it was made (``clock.seconds()``), and what it has done since.
+        self.started = clock.seconds()
+        self.counters = Counters()
         self.store: Store = store if store is not None else MemoryStore()
         self._queues: dict[bytes, QueueState] = {}
         # Queue names in byte order, for Info; kept sorted as queues come and
@@ -398,6 +402,7 @@ class Broker(service.Service):
         """
         _check_name(queue_name)
         if messages:
+            self.counters.returned += len(messages)
             self._offer(queue_name, messages, front=True)
 
     def _store(self, queue: QueueState, message: bytes, front: bool) -> None:
@@ -631,6 +636,10 @@ class Broker(service.Service):
 
     # Reports ---------------------------------------------------------------
 
+    def queues(self) -> Iterable[QueueState]:
+        """Every queue kept now."""
+        return self._queues.values()
+
     def queue_sizes(self) -> Iterator[tuple[bytes, int]]:
         """Each queue's name and the number of messages it holds."""
         for name, queue in self._queues.items():
@@ -803,6 +812,7 @@ class Broker(service.Service):
             self._touch_idle(queue)
 
     def _bury_reserved(self, queue: QueueState, entry: Entry) -> None:
+        self.counters.buried += 1
         cast(ReservingQueue, queue.messages).bury(entry)
         queue.reserved -= 1
         queue.buried += 1
@@ -814,6 +824,7 @@ class Broker(service.Service):
         messages = cast(ReservingQueue, queue.messages)
         while messages.front_deliveries() >= self._max_deliveries:
             messages.bury_front()
+            self.counters.buried += 1
             queue.buried += 1
             self.num_messages -= 1
             self.num_buried += 1
@@ -861,6 +872,7 @@ class Broker(service.Service):
         if not messages:
             self._idle.pop(queue_name, None)
         kicked = messages.kick(most)
+        self.counters.kicked += kicked
         queue.buried -= kicked
         self.num_buried -= kicked
         self.num_messages += kicked
@@ -879,6 +891,7 @@ class Broker(service.Service):
             self._offer(queue_name, tuple(entries), front=True)
 
     def _lease_ended(self, reservation: Reservation) -> None:
+        self.counters.lease_expirations += 1
         self._forget_reservation(reservation)
         self._offer(reservation.queue_name, (reservation.entry,), front=True)
 

@@ -119,6 +119,11 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._reading = True
         self._liveness_check: Optional[IDelayedCall] = None
         self._store = broker.store
+        # What the metrics count, at hand; and this connection's bytes read
+        # (written: the writer's), added to the counters when it closes.
+        self._counters = broker.counters
+        self._requests = broker.counters.requests
+        self._bytes_in = 0
         # Replies waiting for a durable store to write what they answer for,
         # in order: (batch, kind, value, value); None when none wait.
         self._held: Optional[deque[tuple[Batch, int, Any, Any]]] = None
@@ -141,6 +146,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.broker.num_connections += 1
+        self._counters.connections += 1
         self.factory.connections.add(self)
         self._out = ReplyWriter(self.transport)
         # The transport pauses us when its unsent replies pass its buffer size.
@@ -157,6 +163,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.broker.num_connections -= 1
         self.factory.connections.discard(self)
+        counters = self._counters
+        counters.bytes_in += self._bytes_in
+        counters.bytes_out += self._out.written
         self._closing = True
         self._lost = True
         try:
@@ -238,6 +247,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        self._bytes_in += len(data)
         self.resetTimeout()
         super().dataReceived(data)
         if self._answering and self.buffered_bytes > self.limits.max_pending_bytes:
@@ -315,6 +325,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._out.end_batch()
 
     def lengthLimitExceeded(self, length: int) -> None:
+        self._counters.malformed += 1
         self.log.info(
             "closing {peer}: frame of {length} bytes exceeds the limit of {limit}",
             peer=self._peer, length=length, limit=self.MAX_LENGTH,
@@ -337,6 +348,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 if head == b"Ack":
                     acked = parse_usual_ack(payload)
                     if acked is not None:
+                        self._requests[Ack] += 1
                         self.broker.ack(acked[0], acked[1], self)
                         self._promise(_OK_FRAME)
                         return
@@ -349,9 +361,11 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                         if reserve is not None:
                             self._usual_reserve = (payload, reserve)
                     if reserve is not None:
+                        self._requests[Reserve] += 1
                         self._reserve(reserve)
                         return
             command = parse_request(decode_payload(payload))
+            self._requests[type(command)] += 1
             if type(command) is Put:
                 self._put(command)
             elif type(command) is Get:
@@ -365,11 +379,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         except errors.RequestError as error:
             self._refuse(error)
         except errors.MalformedFrame as error:
+            self._counters.malformed += 1
             self.log.info("closing {peer}: malformed frame: {error}",
                           peer=self._peer, error=error)
             self._close()
 
     def _refuse(self, error: errors.RequestError) -> None:
+        self._counters.error(error.error_type)
         self.log.info("refused a request from {peer}: {error}",
                       peer=self._peer, error=error)
         self._reply(encode_frame([ERROR, error.error_type.encode("ascii")]))
@@ -457,7 +473,13 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         # (Packed here rather than by encode_frame: one in two requests of a
         # consumer that acks is a Reserve.)
         message, message_id = entry.message, b"%d" % entry.message_id
-        deliveries = b"1" if entry.deliveries == 1 else b"%d" % entry.deliveries
+        counters = self._counters
+        counters.deliveries += 1
+        if entry.deliveries == 1:
+            deliveries = b"1"
+        else:
+            deliveries = b"%d" % entry.deliveries
+            counters.redeliveries += 1
         self._reply_for_store(b"".join((
             _RESERVED_HEAD.pack(18 + len(message) + len(message_id) + len(deliveries), 2, OK, len(message)),
             message, _UINT32.pack(len(message_id)), message_id, _UINT32.pack(len(deliveries)), deliveries,
@@ -478,6 +500,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._write_message(queue, message)
 
     def _write_message(self, queue: bytes, message: bytes) -> None:
+        self._counters.deliveries += 1
         # Two writes, so a large message is not copied into a new frame.
         header = _UINT32.pack(4 + 2 + 4 + len(message)) + _UINT32.pack(2) + OK
         self._out.write_message(queue, message, header, _UINT32.pack(len(message)), message)
@@ -503,6 +526,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 # nobody will read.
                 self._abort("the peer went away while its Get waited")
                 return
+            self._counters.wait_timeouts += 1
             self._reply(_TIMEOUT_FRAME)
             self._end_wait()
         elif failure.check(errors.ConsumerGone):
@@ -583,6 +607,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
                 elif refused:
                     self.log.info("refused a Put from {peer}: the store could not write it",
                                   peer=self._peer)
+                    self._counters.error(errors.STORAGE_ERROR)
                     out.write(_STORAGE_ERROR_FRAME)
                 elif kind == _HELD_PUT:
                     out.write(_OK_FRAME)
@@ -613,6 +638,7 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         for batch, kind, first, second in self._held:
             if batch is failed:
                 if kind == _HELD_PUT and failed.refused(first):
+                    self._counters.error(errors.STORAGE_ERROR)
                     kind, first = _HELD_FRAME, _STORAGE_ERROR_FRAME
                     self._held_message_bytes += len(first)
                 batch = retry
@@ -797,6 +823,7 @@ class MQServerFactory(Factory[MQServerProtocol]):
     def buildProtocol(self, addr: Any) -> Optional[MQServerProtocol]:
         max_connections = self.broker.limits.max_connections
         if max_connections and len(self.connections) >= max_connections:
+            self.broker.counters.connections_refused += 1
             self.log.warn("refused a connection from {peer}: {count} connections open, "
                           "the limit is {limit}",
                           peer=describe(addr), count=len(self.connections), limit=max_connections)
@@ -804,6 +831,14 @@ class MQServerFactory(Factory[MQServerProtocol]):
         protocol = MQServerProtocol(self.broker)
         protocol.factory = self
         return protocol
+
+    def open_bytes(self) -> tuple[int, int]:
+        """Bytes read from and written to the connections open now."""
+        read = written = 0
+        for protocol in self.connections:
+            read += protocol._bytes_in
+            written += protocol._out.written
+        return read, written
 
     def settle_later(self, settling: Settlement) -> None:
         """Keep a closed connection's replies in flight until their fate is known."""

@@ -8,7 +8,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 
 from mqmq.broker.broker import Broker
 from mqmq.broker.limits import Limits
@@ -68,6 +68,7 @@ class MQService(service.MultiService):
         self.broker.setServiceParent(self)
         self.factory = MQServerFactory(self.broker)
         self._listeners: list[_Listener] = []
+        self._other_listeners: list[_Listener] = []
         for description in endpoints:
             self.listen_on(serverFromString(reactor, description))
 
@@ -76,6 +77,18 @@ class MQService(service.MultiService):
         listener = _Listener(endpoint, self.factory)
         self._listeners.append(listener)
         listener.setServiceParent(self)
+
+    def serve_also(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        """Serve something else beside the queues on an endpoint, started and
+        stopped with them: the metrics' web site (:func:`mqmq.web.site.site`)."""
+        listener = _Listener(endpoint, factory)
+        self._other_listeners.append(listener)
+        listener.setServiceParent(self)
+
+    @property
+    def other_ports(self) -> list[IListeningPort]:
+        """The ports of :meth:`serve_also`, listening now, in the order given."""
+        return [listener.port for listener in self._other_listeners if listener.port is not None]
 
     @property
     def ports(self) -> list[IListeningPort]:

@@ -199,6 +199,11 @@ class ReplyWriter:
         # The peer's acknowledgement of our FIN counts one byte more.
         return min(flushed, _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)[0])
 
+    @property
+    def written(self) -> int:
+        """Bytes written so far (sent, or held by the transport to send)."""
+        return self._written
+
     def write(self, *parts: bytes) -> None:
         """Write a reply made of one or more byte strings."""
         size = 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, NamedTuple, Optional, Protocol
 
+from mqmq.stores.health import StoreHealth
+
 
 class Entry(NamedTuple):
     """A message as acknowledged delivery sees it."""
@@ -128,6 +130,11 @@ class Store(Protocol):
     #: are at hand, from the reactor thread, never from within a call of
     #: the broker's.
     arrived: Optional[Callable[[bytes], object]]
+
+    @property
+    def health(self) -> Optional[StoreHealth]:
+        """A durable store's commits, their times and its last error; ``None``
+        for a store that writes nothing."""
 
     def queue(self, name: bytes) -> StoredQueue:
         """A new, empty queue (recorded in the store)."""

@@ -9,6 +9,7 @@ from struct import Struct
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 from mqmq.stores.base import Batch, Entry, StoredQueue
+from mqmq.stores.health import StoreHealth
 
 _UINT32 = Struct(">I")
 
@@ -193,6 +194,8 @@ class MemoryStore:
     #: Why the store cannot take new messages; never, for memory.
     failure: Optional[str] = None
     durable = False
+    #: Nothing is written: no commits to tell of.
+    health: Optional[StoreHealth] = None
     acknowledged_delivery = True
     dropped: Optional[Callable[[bytes, bytes], object]] = None
     #: Never called: every message is always at hand.

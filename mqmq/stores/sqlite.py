@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 
 from mqmq.errors import StoreError
 from mqmq.stores.base import Batch, Entry, StoredQueue
+from mqmq.stores.health import StoreHealth
 from mqmq.stores.worker import WorkerThread
 
 #: The layout this code writes (``PRAGMA user_version``); a database with a
@@ -567,6 +568,8 @@ class SqliteStore:
         #: Called with each written batch's CommitTimes, if set (once per
         #: commit, never per message): for metrics and benchmarks.
         self.commit_observer: Optional[Callable[[CommitTimes], object]] = None
+        #: Commits, their sizes and times, the last error: for metrics.
+        self.health = StoreHealth()
         # The call of _write_pending due at the end of this turn, if any.
         self._scheduled: Any = None
         self._retry: Any = None
@@ -734,6 +737,8 @@ class SqliteStore:
 
     def _read_failed(self, reason: Failure, queue: SqliteQueue) -> None:
         queue._reading = False
+        self.health.failed(f"cannot read from the database: {reason.value}", self._reactor.seconds(),
+                           writing=False)
         self.log.error("cannot read messages from the database {path}: {error}; trying again "
                        "in {seconds:g} s", path=self.path, error=reason.value, seconds=RETRY_SECONDS)
         # They stay on disk; a Get that found none at hand waits for them.
@@ -926,6 +931,7 @@ class SqliteStore:
         rows = (len(write.new_queues) + len(write.inserts) + len(write.deletes) + len(write.dropped_queues)
                 + len(write.updates) + len(write.moves))
         self.rows_written += rows
+        self.health.committed(rows, write.ended - write.began)
         if self.commit_observer is not None:
             self.commit_observer(CommitTimes(write.handed - write.opened, write.began - write.handed,
                                              write.ended - write.began, answered - write.ended, rows))
@@ -950,6 +956,7 @@ class SqliteStore:
             self.log.error("cannot write to the database {path}: {error}; refusing new messages "
                            "until it can", path=self.path, error=error)
         self.failure = f"cannot write to the database: {error}"
+        self.health.failed(self.failure, self._reactor.seconds())
         # The messages the batch added and nobody has taken since were never
         # stored: out of memory too, and their Puts answered with an error.
         # One taken since is on its way to a consumer (its reply waits for a
@@ -1038,10 +1045,15 @@ class SqliteStore:
         if not self._unsynced:
             return
         self._unsynced = False
-        self._run(self._sync_files).addErrback(
-            lambda reason: self.log.error("syncing the database {path} failed: {error}",
-                                          path=self.path, error=reason.value)
-        )
+        began = perf_counter()
+        syncing = self._run(self._sync_files)
+        syncing.addCallbacks(lambda _: self.health.sync_seconds.observe(perf_counter() - began),
+                             self._sync_failed)
+
+    def _sync_failed(self, reason: Failure) -> None:
+        self.log.error("syncing the database {path} failed: {error}", path=self.path, error=reason.value)
+        self.health.failed(f"cannot sync the database: {reason.value}", self._reactor.seconds(),
+                           writing=False)
 
     def _sync_files(self) -> None:
         for path in (self.path + "-wal", self.path):

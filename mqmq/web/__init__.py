@@ -1,0 +1,1 @@
+"""Metrics and dashboard over HTTP (twisted.web): ``/metrics``, ``/stats``, ``/``."""

@@ -1,0 +1,120 @@
+"""The HTTP side of a server: ``/metrics`` for Prometheus, ``/stats`` as JSON,
+and the dashboard at ``/``, served by ``twisted.web`` from the reactor thread.
+
+A scrape takes a snapshot a slice of queues per reactor turn
+(:func:`mqmq.broker.stats.snapshot`): clients are served between slices.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Optional
+
+from prometheus_client import ProcessCollector
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+from twisted.web.static import File
+
+from mqmq.broker.stats import Snapshot, snapshot
+from mqmq.server.service import MQService
+from mqmq.web.prometheus import CONTENT_TYPE, exposition
+
+
+def take_snapshot(service: MQService, **options: Any) -> defer.Deferred[Snapshot]:
+    """A snapshot of a running server, its open connections' bytes included."""
+    return snapshot(service.broker, service.factory.open_bytes, **options)
+
+
+def snapshot_now(service: MQService) -> Snapshot:
+    """A snapshot taken in one go (every queue in this turn)."""
+    taken: list[Snapshot] = []
+    take_snapshot(service, per_turn=2**62).addCallback(taken.append)
+    return taken[0]
+
+
+def resident_bytes() -> Optional[float]:
+    """The process's resident memory, where the system tells (Linux's /proc)."""
+    for metric in ProcessCollector(registry=None).collect():
+        if metric.name == "process_resident_memory_bytes" and metric.samples:
+            return metric.samples[0].value
+    return None
+
+
+class _SnapshotPage(Resource):
+    """A page made from a snapshot: ``render`` bytes and their content type."""
+
+    isLeaf = True
+    log = Logger()
+    content_type = "text/plain"
+
+    def __init__(self, service: MQService) -> None:
+        super().__init__()
+        self.service = service
+
+    def page(self, taken: Snapshot) -> bytes:
+        raise NotImplementedError
+
+    def render_GET(self, request: server.Request) -> Any:
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def write(taken: Snapshot) -> None:
+            if gone:
+                return  # the client left while the snapshot was taken
+            request.setHeader(b"content-type", self.content_type.encode("ascii"))
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(self.page(taken))
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("taking a snapshot for {path} failed", failure, path=request.path)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        take_snapshot(self.service).addCallback(write).addErrback(failed)
+        return server.NOT_DONE_YET
+
+
+class Metrics(_SnapshotPage):
+    """``/metrics``: Prometheus's text format."""
+
+    content_type = CONTENT_TYPE
+
+    def page(self, taken: Snapshot) -> bytes:
+        return exposition(taken)
+
+
+class Stats(_SnapshotPage):
+    """``/stats``: the snapshot as JSON, for the dashboard and scripts."""
+
+    content_type = "application/json"
+
+    def page(self, taken: Snapshot) -> bytes:
+        stats = taken.as_json()
+        stats["memory"] = {"resident_bytes": resident_bytes()}
+        return json.dumps(stats, separators=(",", ":")).encode("utf-8")
+
+
+def dashboard_directory() -> str:
+    """Where the dashboard's files are (shipped in the package: no CDN)."""
+    return str(resources.files("mqmq.web") / "dashboard")
+
+
+def site(service: MQService) -> server.Site:
+    """The web site of a server: serve it on any endpoint, e.g.
+    ``StreamServerEndpointService(serverFromString(reactor, "tcp:9477:interface=127.0.0.1"), site(service))``.
+    """
+    root = File(dashboard_directory(), defaultType="text/plain")
+    root.indexNames = ["index.html"]
+    root.putChild(b"metrics", Metrics(service))
+    root.putChild(b"stats", Stats(service))
+    web = server.Site(root)
+    web.displayTracebacks = False
+    # One line per request would drown the server's own log.
+    web.log = lambda request: None  # type: ignore[method-assign]
+    return web
