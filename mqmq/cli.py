@@ -295,7 +295,7 @@ def _start(options: StartOptions) -> NoReturn:
     except Exception as error:  # a taken port, a port not ours to take: say so and leave
         _fail(f"cannot start server: {error}")
     addresses = tap.addresses(server)
-    log.info("starting server: {address}", address=addresses)
+    tap.log_started(log, server)
     reactor.run(installSignalHandlers=False)
     log.info("server stopped: {address}", address=addresses)
     raise SystemExit(0)

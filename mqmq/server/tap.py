@@ -88,7 +88,7 @@ _count.coerceDoc = ""  # type: ignore[attr-defined]
 _seconds.coerceDoc = ""  # type: ignore[attr-defined]
 
 
-def listen_description(description: str) -> str:
+def listen_description(description: str, option: str = "--listen") -> str:
     """A ``--listen`` endpoint description, checked as Twisted will read it.
 
     A UNIX socket given no ``mode=`` gets :data:`UNIX_SOCKET_MODE`.
@@ -104,15 +104,15 @@ def listen_description(description: str) -> str:
     except ImportError as error:
         if (error.name or "").partition(".")[0] in _TLS_MODULES:
             raise usage.UsageError(
-                f"--listen {description!r}: TLS needs pyOpenSSL, which is not installed: "
+                f"{option} {description!r}: TLS needs pyOpenSSL, which is not installed: "
                 f"pip install 'mqmq[tls]'"
             ) from None
-        raise usage.UsageError(f"--listen {description!r}: {error}") from None
+        raise usage.UsageError(f"{option} {description!r}: {error}") from None
     except OSError as error:  # a TLS certificate or key that cannot be read
-        raise usage.UsageError(f"--listen {description!r}: {error}") from None
+        raise usage.UsageError(f"{option} {description!r}: {error}") from None
     except Exception as error:  # whatever an endpoint parser raises: ValueError, TypeError ...
         raise usage.UsageError(
-            f"--listen {description!r}: not a valid endpoint description ({error})"
+            f"{option} {description!r}: not a valid endpoint description ({error})"
         ) from None
     if isinstance(endpoint, UNIXServerEndpoint):
         # Twisted's own parser, to see the description exactly as it does;
@@ -187,6 +187,7 @@ class Options(VersionOption, usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["http"] = None
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         try:
@@ -209,6 +210,12 @@ class Options(VersionOption, usage.Options):
         self["listen"].append(listen_description(description))
 
     opt_l = opt_listen
+
+    def opt_http(self, description: str) -> None:
+        """Serve metrics (/metrics, Prometheus's format), /stats (JSON) and the
+        dashboard (/) over HTTP on a Twisted endpoint, e.g.
+        tcp:9477:interface=127.0.0.1. [default: off]"""
+        self["http"] = listen_description(description, "--http")
 
     def postOptions(self) -> None:
         endpoints: list[str] = list(self["listen"])
@@ -259,12 +266,24 @@ def make_server(options: Options, reactor: Any) -> MQService:
     limits: Limits = options["limits"]
     _allow_open_files(limits.max_connections)
     store = store_from_description(options["store"], options["fsync"], reactor)
-    return MQService(reactor, options["endpoints"], limits, store)
+    server = MQService(reactor, options["endpoints"], limits, store)
+    if options["http"] is not None:
+        from mqmq.web.site import site
+
+        server.serve_also(serverFromString(reactor, options["http"]), site(server))
+    return server
 
 
 def addresses(server: MQService) -> str:
     """Where ``server`` listens, as people write it: ``127.0.0.1:47774, unix:/path``."""
     return ", ".join(describe(port.getHost()) for port in server.ports)
+
+
+def log_started(log: Logger, server: MQService) -> None:
+    """Say where a server that has started serves."""
+    log.info("starting server: {address}", address=addresses(server))
+    for port in server.other_ports:
+        log.info("serving metrics and the dashboard over HTTP: {address}", address=describe(port.getHost()))
 
 
 class StartFailed(SystemExit, Exception):
@@ -334,7 +353,7 @@ class TwistdServer(service.MultiService):
             super().startService()
         except Exception as error:
             self._cannot_start(error)
-        self.log.info("starting server: {address}", address=addresses(self.server))
+        log_started(self.log, self.server)
 
     def _cannot_start(self, error: Exception) -> NoReturn:
         self.log.error("cannot start server: {error}", error=error)
