@@ -47,7 +47,6 @@ def resident_bytes() -> Optional[float]:
 class _SnapshotPage(Resource):
     """A page made from a snapshot: ``render`` bytes and their content type."""
 
-    isLeaf = True
     log = Logger()
     content_type = "text/plain"
 
