@@ -38,7 +38,7 @@ ERROR_TYPES = (
 )
 
 #: Queues walked per reactor turn by a snapshot.
-QUEUES_PER_TURN = 2000
+QUEUES_PER_TURN = 500
 #: Queues listed one by one (the largest); the rest are only counted.
 LARGEST_QUEUES = 20
 
