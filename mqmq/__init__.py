@@ -11,9 +11,12 @@ from mqmq.errors import (
     GetTimeout,
     InvalidArgument,
     MQError,
+    NotConnected,
     ReplyTimeout,
+    ReservationLost,
     ServerError,
 )
+from mqmq.reconnecting import ReconnectingClient, reconnecting_client
 from mqmq.wire.info import ServerInfo
 from mqmq.server.protocol import MQServerFactory, MQServerProtocol
 from mqmq.server.service import MQService
@@ -30,9 +33,13 @@ __all__ = [
     "MQServerFactory",
     "MQServerProtocol",
     "MQService",
+    "NotConnected",
+    "ReconnectingClient",
     "ReplyTimeout",
+    "ReservationLost",
     "ServerError",
     "ServerInfo",
     "connect",
     "connect_endpoint",
+    "reconnecting_client",
 ]

@@ -14,7 +14,8 @@ when it succeeds, released when it fails, its lease kept alive while it runs.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Union
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -22,8 +23,12 @@ from twisted.logger import Logger
 
 from mqmq import errors
 from mqmq.client import Delivery, MQClient, QueueName
+from mqmq.reconnecting import ReconnectingClient
 
 Handler = Callable[[Delivery], Any]
+
+#: What a connection that breaks does to a request in flight.
+_LOST = (errors.ConnectionClosed, errors.ReplyTimeout)
 
 
 class Consumer:
@@ -41,13 +46,18 @@ class Consumer:
 
     :attr:`done` fires when it has stopped, or fails with what ended it (the
     connection closed, the server refused the commands).
+
+    On a :class:`~mqmq.reconnecting.ReconnectingClient` a broken connection
+    does not end it: it waits for the next connection and reserves again.
+    A message in hand when the connection broke is handed out again by the
+    server (its ack fails, and is logged), so it may be handled twice.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        client: MQClient,
+        client: Union[MQClient, ReconnectingClient],
         queue: QueueName,
         handler: Handler,
         *,
@@ -70,6 +80,8 @@ class Consumer:
         self.retry_delay = retry_delay
         self.clock = clock if clock is not None else client.clock
         self._stopping = False
+        #: A wait for the reconnecting client's next connection, while there is one.
+        self._connecting: Optional[defer.Deferred[MQClient]] = None
         #: Fires once it has stopped (None), or with the failure that ended it.
         self.done: defer.Deferred[None] = defer.Deferred()
         #: Messages acked, and released after a failure of the handler.
@@ -84,6 +96,8 @@ class Consumer:
         """Stop once the message in hand is settled; fires when it has
         (whether it ended well or not: see :attr:`done`)."""
         self._stopping = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         finished: defer.Deferred[None] = defer.Deferred()
 
         def ended(result: object) -> object:
@@ -95,13 +109,51 @@ class Consumer:
 
     async def _run(self) -> None:
         while not self._stopping:
+            connection = await self._connection()
+            if connection is None:
+                return  # stopped while waiting for a connection
             try:
-                delivery = await self.client.reserve(self.queue, self.wait, self.lease)
+                delivery = await connection.reserve(self.queue, self.wait, self.lease)
             except errors.GetTimeout:
+                continue
+            except _LOST as lost:
+                if not self._reconnecting:
+                    raise
+                self.log.warn("reserving from {queue!r} failed: {error}; reserving again once reconnected",
+                              queue=self.queue, error=lost)
                 continue
             # Handled even when stopping meanwhile: giving it back would count
             # a delivery nobody made use of (and may bury it at --max-deliveries).
             await self._handle(delivery)
+
+    @property
+    def _reconnecting(self) -> bool:
+        return isinstance(self.client, ReconnectingClient)
+
+    async def _connection(self) -> Optional[MQClient]:
+        """The connection to reserve on; None when stopped while waiting for one."""
+        if not isinstance(self.client, ReconnectingClient):
+            return self.client
+        self._connecting = self.client.when_connected(math.inf)
+        try:
+            return await self._connecting
+        except defer.CancelledError:
+            return None
+        finally:
+            self._connecting = None
+
+    async def _settled(self, delivery: Delivery, settling: defer.Deferred[None]) -> bool:
+        """Whether an ack or release was done; on a reconnecting client, a
+        connection that broke first is logged, not raised."""
+        try:
+            await settling
+        except _LOST as lost:
+            if not self._reconnecting:
+                raise
+            self.log.warn("message {id} of {queue!r} not settled ({error}): the server hands it out again",
+                          id=delivery.message_id.decode("ascii", "replace"), queue=delivery.queue, error=lost)
+            return False
+        return True
 
     async def _handle(self, delivery: Delivery) -> None:
         touching = task.LoopingCall(self._touch, delivery)
@@ -118,12 +170,12 @@ class Consumer:
             self.log.failure("handling message {id} of {queue!r} failed; it goes back",
                              id=delivery.message_id.decode("ascii", "replace"), queue=delivery.queue)
             touching.stop()
-            await delivery.release(self.retry_delay)
-            self.released += 1
+            if await self._settled(delivery, delivery.release(self.retry_delay)):
+                self.released += 1
         else:
             touching.stop()
-            await delivery.ack()
-            self.acked += 1
+            if await self._settled(delivery, delivery.ack()):
+                self.acked += 1
 
     def _touch(self, delivery: Delivery) -> defer.Deferred[None]:
         def lost(failure: Any) -> None:
@@ -135,7 +187,7 @@ class Consumer:
 
 
 def consume(
-    client: MQClient,
+    client: Union[MQClient, ReconnectingClient],
     queue: QueueName,
     handler: Handler,
     **options: Any,

@@ -68,6 +68,19 @@ class ConnectionClosed(MQError):
     """The connection closed before the server answered the request."""
 
 
+class ReservationLost(ConnectionClosed):
+    """``Ack``, ``Release``, ``Touch`` or ``Bury`` of a message reserved on a
+    connection that has closed (or is closing): reservations belong to their
+    connection, and the server puts a departed connection's back at the front
+    of their queues, to be handed out again.  Nothing was sent."""
+
+
+class NotConnected(MQError):
+    """A :class:`~mqmq.reconnecting.ReconnectingClient` had no connection to
+    send the request on: none came within the caller's ``connect_timeout``,
+    or the client was stopped.  Nothing was sent."""
+
+
 class AcknowledgedDeliveryUnsupported(MQError):
     """The server does not serve ``Reserve`` and its kin (the original Go
     server, or a store that does not keep reservations): it answered
