@@ -12,6 +12,7 @@ from mqmq.broker.limits import Limits
 from mqmq.broker.stats import Snapshot, snapshot
 from mqmq.stores.health import Histogram
 from mqmq.web.prometheus import exposition
+from mqmq.web.site import SharedSnapshots
 from support import success
 from wire import Server, sqlite_store
 
@@ -198,3 +199,18 @@ def test_histogram_buckets_hold_up_to_their_bound(value: float, bucket: int) -> 
     histogram.observe(value)
     assert histogram.counts.index(1) == bucket
     assert histogram.cumulative()[-1] == (float("inf"), 1)
+
+
+def test_scrapes_that_come_together_share_one_walk() -> None:
+    server = Server()
+    producer = server.connect()
+    producer.send(*[[b"Put", b"q%d" % n, b"m"] for n in range(1200)])  # three turns' walk
+    snapshots = SharedSnapshots(server)  # type: ignore[arg-type]  # (its broker and factory)
+    first, second = snapshots.take(), snapshots.take()
+    assert not first.called and not second.called
+    server.clock.advance(0)
+    one, two = success(first), success(second)
+    assert one is two and one.queues == 1200
+    third = snapshots.take()  # after the walk: a new one
+    server.clock.advance(0)
+    assert success(third) is not one

@@ -44,15 +44,41 @@ def resident_bytes() -> Optional[float]:
     return None
 
 
+class SharedSnapshots:
+    """Snapshots for the pages: requests that come while one is being taken
+    share it, so that many scrapes at once cost one walk of the queues."""
+
+    def __init__(self, service: MQService) -> None:
+        self.service = service
+        self._waiting: Optional[list[defer.Deferred[Snapshot]]] = None
+
+    def take(self) -> defer.Deferred[Snapshot]:
+        waiter: defer.Deferred[Snapshot] = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiter)
+            return waiter
+        self._waiting = [waiter]
+        take_snapshot(self.service).addBoth(self._taken)
+        return waiter
+
+    def _taken(self, result: Any) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for waiter in waiting:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+
 class _SnapshotPage(Resource):
     """A page made from a snapshot: ``render`` bytes and their content type."""
 
     log = Logger()
     content_type = "text/plain"
 
-    def __init__(self, service: MQService) -> None:
+    def __init__(self, snapshots: SharedSnapshots) -> None:
         super().__init__()
-        self.service = service
+        self.snapshots = snapshots
 
     def page(self, taken: Snapshot) -> bytes:
         raise NotImplementedError
@@ -75,7 +101,7 @@ class _SnapshotPage(Resource):
                 request.setResponseCode(500)
                 request.finish()
 
-        take_snapshot(self.service).addCallback(write).addErrback(failed)
+        self.snapshots.take().addCallback(write).addErrback(failed)
         return server.NOT_DONE_YET
 
 
@@ -110,8 +136,9 @@ def site(service: MQService) -> server.Site:
     """
     root = File(dashboard_directory(), defaultType="text/plain")
     root.indexNames = ["index.html"]
-    root.putChild(b"metrics", Metrics(service))
-    root.putChild(b"stats", Stats(service))
+    snapshots = SharedSnapshots(service)
+    root.putChild(b"metrics", Metrics(snapshots))
+    root.putChild(b"stats", Stats(snapshots))
     web = server.Site(root)
     web.displayTracebacks = False
     # One line per request would drown the server's own log.
