@@ -444,11 +444,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._promise(_OK_FRAME)
 
     def _promise(self, frame: bytes) -> None:
-        """An OK for a change the store writes: sent once it is written."""
-        if self._store.pending is not None:
-            self._hold(self._store.pending, _HELD_PROMISE, frame, None)
-        else:
-            self._reply(frame)
+        """An OK for a change the store writes: sent once it is written (and,
+        should that write fail, once its retry is)."""
+        self._reply_for_store(frame, _HELD_PROMISE)
 
     def _reserve(self, command: Reserve) -> None:
         lease = command.lease_ms / 1000
@@ -485,10 +483,10 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             message, _UINT32.pack(len(message_id)), message_id, _UINT32.pack(len(deliveries)), deliveries,
         )))
 
-    def _reply_for_store(self, frame: bytes) -> None:
+    def _reply_for_store(self, frame: bytes, kind: int = _HELD_FRAME) -> None:
         """A reply that waits for the store's pending batch, if any, and the replies before it."""
         if self._store.pending is not None:
-            self._hold(self._store.pending, _HELD_FRAME, frame, None)
+            self._hold(self._store.pending, kind, frame, None)
         else:
             self._reply(frame)
 
