@@ -12,6 +12,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence, TextIO
 
 from twisted.application import reactors
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -26,6 +27,7 @@ from zope.interface import provider
 
 from mqmq import errors
 from mqmq.server import tap
+from mqmq.server.logs import json_observer
 from mqmq.server import reactor as lean_reactor
 from mqmq.address import DEFAULT_ADDRESS, parse_address
 from mqmq.client import MQClient, connect
@@ -79,15 +81,36 @@ def parse_duration(text: str) -> float:
 class _AddressOptions(tap.VersionOption, usage.Options):
     optParameters: list[list[Any]] = [
         ["addr", "a", DEFAULT_ADDRESS, "Server address HOST:PORT."],
+        ["cert", None, None, "Connect with TLS, presenting this PEM client certificate."],
+        ["key", None, None, "The private key of --cert, PEM. [default: found in the --cert file]"],
+        ["ca", None, None,
+         "Connect with TLS, trusting a server certificate that a CA in this PEM file "
+         "signed (it must name the --addr host); with --cert alone, the system's CAs."],
     ]
 
     def postOptions(self) -> None:
         if not self["addr"]:
             raise usage.UsageError("--addr is empty (want HOST:PORT)")
         try:
-            parse_address(self["addr"])
+            address = parse_address(self["addr"])
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
+        self["tls"] = _client_tls(address.host or "127.0.0.1", self["cert"], self["key"], self["ca"])
+
+
+def _client_tls(
+    host: str, cert: Optional[str], key: Optional[str], ca: Optional[str]
+) -> Optional[IOpenSSLClientConnectionCreator]:
+    """``--cert``, ``--key``, ``--ca``: how to connect with TLS, or None for plain TCP."""
+    if cert is None and ca is None:
+        if key is not None:
+            raise usage.UsageError("--key needs --cert (the client's certificate)")
+        return None
+    tls = tap.import_tls("--cert" if cert is not None else "--ca")
+    try:
+        return tls.client_tls(host, cert, key, ca)
+    except tls.TLSFileError as error:
+        raise usage.UsageError(f"{tap.TLS_OPTIONS[error.role]} {error}") from None
 
 
 def _queue_name(text: str) -> bytes:
@@ -264,11 +287,13 @@ def _start(options: StartOptions) -> NoReturn:
 
     reactor: Any = global_reactor
 
-    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    levels.setLogLevelForNamespace("mqmq", LogLevel.info)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(_go_log_line, [levels])], redirectStandardIO=False
-    )
+    # Twisted's own chatter (a factory starting ...) from warnings up; ours
+    # from the level asked for (info by default).
+    level = LogLevel.levelWithName(options["log-level"])
+    levels = LogLevelFilterPredicate(defaultLogLevel=max(level, LogLevel.warn))
+    levels.setLogLevelForNamespace("mqmq", level)
+    write: ILogObserver = json_observer(sys.stderr) if options["log-format"] == "json" else _go_log_line
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(write, [levels])], redirectStandardIO=False)
     server = tap.make_server(options, reactor)
 
     def stop(signal_name: str) -> None:
@@ -336,7 +361,9 @@ async def _get(reactor: Any, client: MQClient, sub: usage.Options) -> MQClient:
                 delivery = await client.reserve(sub["queue"], sub["seconds"], GET_LEASE)
             except errors.AcknowledgedDeliveryUnsupported:
                 # The original server closed the connection: ask again, plainly.
-                client = await connect(reactor, sub["addr"], max_message_bytes=sub["max-message-bytes"])
+                client = await connect(
+                    reactor, sub["addr"], max_message_bytes=sub["max-message-bytes"], tls=sub["tls"]
+                )
             else:
                 failed = _try_output(lambda: sys.stdout.buffer.write(delivery.message))
                 if failed is not None:
@@ -389,7 +416,8 @@ async def _client_command(reactor: Any, options: usage.Options, message: Optiona
     sub = options.subOptions
     try:
         client: MQClient = await connect(
-            reactor, sub["addr"], max_message_bytes=sub.get("max-message-bytes", MAX_MESSAGE_LENGTH)
+            reactor, sub["addr"], max_message_bytes=sub.get("max-message-bytes", MAX_MESSAGE_LENGTH),
+            tls=sub["tls"],
         )
     except Exception as error:
         _fail(f"cannot connect to {sub['addr']}: {error}")

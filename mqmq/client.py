@@ -17,9 +17,14 @@ from collections import deque
 from typing import Any, Callable, Optional, Union, cast
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import connectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.python.failure import Failure
 
 from mqmq import errors
@@ -176,6 +181,11 @@ class MQClient(FrameReceiver):
         """Seconds allowed for a reply beyond a ``get``'s own wait; ``None``: no limit."""
         return self._reply_timeout
 
+    @property
+    def is_open(self) -> bool:
+        """Whether requests may be sent: until the connection closes or :meth:`disconnect` is called."""
+        return not (self._closed or self._disconnecting)
+
     def _send(
         self, values: list[bytes], read_reply: Callable[[list[bytes]], Any], wait: float = 0.0
     ) -> defer.Deferred[Any]:
@@ -286,6 +296,9 @@ class MQClient(FrameReceiver):
                 raise errors.InvalidArgument(f"message ids are bytes (Delivery.message_id), not {message_id!r}")
         except errors.InvalidArgument:
             return defer.fail()
+        if not self.is_open:
+            return defer.fail(errors.ReservationLost(
+                "the connection that reserved the message is closed or closing: the server hands it out again"))
         return self._send([command, name, bytes(message_id), *more], _reply_ok).addErrback(_unsupported)
 
     def ack(self, queue: QueueName, message_id: bytes) -> defer.Deferred[None]:
@@ -440,14 +453,19 @@ def connect(
     max_message_bytes: int = MAX_MESSAGE_LENGTH,
     *,
     reply_timeout: Optional[float] = DEFAULT_REPLY_TIMEOUT,
+    tls: Optional[IOpenSSLClientConnectionCreator] = None,
 ) -> defer.Deferred[MQClient]:
     """Connect to the server at ``HOST:PORT``; fires with a connected client.
 
     ``timeout`` bounds the connection attempt; ``reply_timeout`` (see
-    :class:`MQClient`) each wait for a reply, timed by ``reactor``.
+    :class:`MQClient`) each wait for a reply, timed by ``reactor``.  With
+    ``tls`` (:func:`mqmq.tls.client_tls`, or Twisted's ``optionsForClientTLS``)
+    the connection is TLS.
     """
     host, port = parse_address(address)
-    endpoint = HostnameEndpoint(reactor, host or "127.0.0.1", port, timeout=timeout)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host or "127.0.0.1", port, timeout=timeout)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
     return connect_endpoint(endpoint, max_message_bytes, reply_timeout=reply_timeout, clock=reactor)
 
 

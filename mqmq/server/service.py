@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -58,7 +58,7 @@ class MQService(service.MultiService):
     def __init__(
         self,
         reactor: Any,
-        endpoints: Iterable[str] = (),
+        endpoints: Iterable[Union[str, IStreamServerEndpoint]] = (),
         limits: Limits = Limits(),
         store: Optional[Store] = None,
     ) -> None:
@@ -69,8 +69,9 @@ class MQService(service.MultiService):
         self.factory = MQServerFactory(self.broker)
         self._listeners: list[_Listener] = []
         self._other_listeners: list[_Listener] = []
-        for description in endpoints:
-            self.listen_on(serverFromString(reactor, description))
+        for endpoint in endpoints:
+            # A description (tcp:47774, unix:/run/mqmq.sock ...), or an endpoint.
+            self.listen_on(serverFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint)
 
     def listen_on(self, endpoint: IStreamServerEndpoint) -> None:
         """Serve clients on one more endpoint (from when the service runs)."""

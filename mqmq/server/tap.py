@@ -9,13 +9,14 @@ import resource
 import signal
 import sys
 from dataclasses import fields
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any, Callable, NoReturn, Optional, Sequence, Union
 
 import twisted
 from twisted.application import app, service
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint, _parse, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.logfile import BaseLogFile
@@ -25,6 +26,7 @@ from mqmq.address import DEFAULT_ADDRESS, describe, parse_address
 from mqmq.wire.codec import max_frame_length
 from mqmq.wire.info import encode_info
 from mqmq.broker.limits import MAX_INFO_BYTES, Limits, parse_size
+from mqmq.server.logs import LOG_FORMATS, LOG_LEVELS, log_through_twistd
 from mqmq.server.service import MQService
 from mqmq.stores import STORE_FORMS, parse_store_description, store_from_description
 from mqmq.stores.sqlite import FSYNC_POLICIES
@@ -123,6 +125,45 @@ def listen_description(description: str, option: str = "--listen") -> str:
     return description
 
 
+#: The option that names each file of :class:`mqmq.tls.TLSFileError`'s ``role``.
+TLS_OPTIONS = {"certificate": "--cert", "key": "--key", "ca": "--ca"}
+
+
+def import_tls(option: str) -> ModuleType:
+    """:mod:`mqmq.tls`, or a usage error saying that ``option`` needs pyOpenSSL."""
+    try:
+        from mqmq import tls
+    except ImportError as error:
+        if (error.name or "").partition(".")[0] in _TLS_MODULES:
+            raise usage.UsageError(f"{option}: TLS needs pyOpenSSL, which is not installed: "
+                                   f"pip install 'mqmq[tls]'") from None
+        raise
+    return tls
+
+
+def server_tls_option(
+    cert: Optional[str], key: Optional[str], ca: Optional[str], has_addr: bool
+) -> Optional[Any]:
+    """``--cert``, ``--key``, ``--ca``: the TLS options of the ``--addr``
+    listener (a ``CertificateOptions``), or None for plain TCP.
+
+    :raises usage.UsageError: naming the option and the file, and what is wrong.
+    """
+    if cert is None:
+        for name, value in (("--key", key), ("--ca", ca)):
+            if value is not None:
+                raise usage.UsageError(f"{name} needs --cert (the server's certificate)")
+        return None
+    if not has_addr:
+        raise usage.UsageError("--cert serves TLS on --addr: give --addr too "
+                               "(--listen endpoints are used as written)")
+    tls = import_tls("--cert")
+    try:
+        return tls.server_tls(cert, key, ca)
+    except tls.TLSFileError as error:
+        raise usage.UsageError(f"{TLS_OPTIONS[error.role]} {error}") from None
+
+
 class VersionOption:
     """``--version`` says mqmq's version, not Twisted's."""
 
@@ -179,9 +220,22 @@ class Options(VersionOption, usage.Options):
          f"Where messages are kept: {STORE_FORMS}. memory: holds them in this "
          "process only; sqlite:PATH keeps them in an SQLite database, across "
          "restarts and crashes."],
+        ["log-format", None, "text",
+         "How log lines are written: text, or json (one JSON object per line, "
+         "for log shippers)."],
+        ["log-level", None, "info",
+         "The least level logged: debug, info, warn, error or critical."],
         ["fsync", None, "always",
          "With a durable store, when written messages reach the disk: always (before "
          "OK is answered), everysec (within a second), no (when the OS likes)."],
+        ["cert", None, None,
+         "Serve TLS on --addr with this PEM certificate (any intermediate ones "
+         "after it). --listen endpoints are used as written."],
+        ["key", None, None,
+         "The private key of --cert, PEM. [default: found in the --cert file]"],
+        ["ca", None, None,
+         "With --cert: require every client to present a certificate signed by a "
+         "CA in this PEM file; the TLS handshake refuses (and logs) all others."],
     ]
 
     def __init__(self) -> None:
@@ -236,6 +290,17 @@ class Options(VersionOption, usage.Options):
             )
         if self["max-info-bytes"] > MAX_INFO_BYTES:
             raise usage.UsageError(f"--max-info-bytes may be {MAX_INFO_BYTES} at most")
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(
+                f"--log-format {self['log-format']!r}: want one of {', '.join(LOG_FORMATS)}"
+            )
+        if self["log-level"] not in LOG_LEVELS:
+            raise usage.UsageError(
+                f"--log-level {self['log-level']!r}: want one of {', '.join(LOG_LEVELS)}"
+            )
+        parent = getattr(self, "parent", None)
+        if isinstance(parent, app.ServerOptions):
+            self._log_through_twistd(parent)
         if self["fsync"] not in FSYNC_POLICIES:
             raise usage.UsageError(
                 f"--fsync {self['fsync']!r}: want one of {', '.join(FSYNC_POLICIES)}"
@@ -247,6 +312,19 @@ class Options(VersionOption, usage.Options):
         self["limits"] = Limits(**{
             field.name: self[field.name.replace("_", "-")] for field in fields(Limits)
         })
+        self["tls"] = server_tls_option(
+            self["cert"], self["key"], self["ca"], has_addr="address" in self
+        )
+
+
+    def _log_through_twistd(self, twistd: app.ServerOptions) -> None:
+        # twistd makes its log observer once the options are read, from
+        # its own "logger" option if set: ours wraps the one it would make.
+        if twistd.get("logger") is not None:
+            return  # the user's own --logger has the last word
+        if self["log-format"] == "json" and twistd.get("syslog"):
+            raise usage.UsageError("--log-format json writes lines to a file or standard output, not to syslog")
+        twistd["logger"] = log_through_twistd(twistd, self["log-format"], self["log-level"])
 
 
 def _allow_open_files(count: int) -> None:
@@ -261,12 +339,22 @@ def _allow_open_files(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
 
 
+def server_endpoints(options: Options, reactor: Any) -> list[Union[str, IStreamServerEndpoint]]:
+    """Where the server listens: ``--addr`` (first, and TLS with ``--cert``), then ``--listen``."""
+    endpoints: list[Union[str, IStreamServerEndpoint]] = list(options["endpoints"])
+    if options["tls"] is not None:
+        from mqmq.tls import TLSServerEndpoint
+
+        endpoints[0] = TLSServerEndpoint(serverFromString(reactor, options["endpoints"][0]), options["tls"])
+    return endpoints
+
+
 def make_server(options: Options, reactor: Any) -> MQService:
     """The server the options describe: a broker listening on every endpoint."""
     limits: Limits = options["limits"]
     _allow_open_files(limits.max_connections)
     store = store_from_description(options["store"], options["fsync"], reactor)
-    server = MQService(reactor, options["endpoints"], limits, store)
+    server = MQService(reactor, server_endpoints(options, reactor), limits, store)
     if options["http"] is not None:
         from mqmq.web.site import site
 
