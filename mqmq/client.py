@@ -389,7 +389,9 @@ class MQClient(FrameReceiver):
         )
 
     def _fail_connection(self, error: errors.MQError) -> None:
-        # The reply stream can no longer be matched to requests.
+        # The reply stream can no longer be matched to requests: nothing more
+        # goes out on it (a request made from a failed one's errback included).
+        self._disconnecting = True
         pending, self._pending = self._pending, deque()
         for request in pending:
             request.deferred.errback(error)

@@ -53,6 +53,10 @@ T = TypeVar("T")
 #: that restarts do not all come back at the same moment.
 DEFAULT_RETRY_POLICY: Callable[[int], float] = backoffPolicy(initialDelay=0.5, maxDelay=15.0)
 
+#: Seconds a stop waits for replies to requests in flight (a Get that waits
+#: an hour would hold it up that long) before it closes the connection.
+DEFAULT_STOP_GRACE = 5.0
+
 
 class _Connection(MQClient):
     """One connection of a :class:`ReconnectingClient`, which it tells when it opens and closes."""
@@ -152,6 +156,7 @@ class ReconnectingClient(Service):
         reply_timeout: Optional[float] = DEFAULT_REPLY_TIMEOUT,
         max_message_bytes: int = MAX_MESSAGE_LENGTH,
         clock: Optional[IReactorTime] = None,
+        stop_grace: float = DEFAULT_STOP_GRACE,
     ) -> None:
         """:param endpoint: where to connect, each time: any client endpoint
             (TCP, UNIX socket, TLS ...).
@@ -167,6 +172,8 @@ class ReconnectingClient(Service):
         :param max_message_bytes: as :class:`~mqmq.client.MQClient`'s.
         :param clock: times retries, connect and reply timeouts; the global
             reactor if not given.
+        :param stop_grace: seconds :meth:`stopService` waits for the replies
+            to requests in flight before it closes the connection anyway.
         """
         if clock is None:
             from twisted.internet import reactor
@@ -176,6 +183,7 @@ class ReconnectingClient(Service):
         self.connect_timeout = _check_connect_timeout(connect_timeout)
         self.reply_timeout = reply_timeout
         self.max_message_bytes = max_message_bytes
+        self.stop_grace = stop_grace
         # Never connected, so closed from the start: a request tried on it
         # is checked as a connection checks it (queue name, timeout ...),
         # then fails with ConnectionClosed (ReservationLost for Ack and its kin).
@@ -208,15 +216,32 @@ class ReconnectingClient(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop connecting: requests waiting for a connection fail with
-        :class:`~mqmq.errors.NotConnected`, those in flight are answered,
-        then the connection closes.  Fires once it has."""
+        :class:`~mqmq.errors.NotConnected`, those in flight get up to
+        ``stop_grace`` seconds to be answered (then fail with
+        :class:`~mqmq.errors.ConnectionClosed`), then the connection closes.
+        Fires once it has."""
         super().stopService()
         self._stopped = True
         self._fail_waiting(errors.NotConnected("the client was stopped; the request was not sent"))
         connection = self._connection
-        closing = connection.disconnect() if connection is not None else defer.succeed(None)
+        if connection is None:
+            closing: defer.Deferred[None] = defer.succeed(None)
+        else:
+            closing = connection.disconnect()
+            if not closing.called:
+                # A Get waiting an hour, or a server gone silent, must not hold the stop up.
+                abort = self.clock.callLater(self.stop_grace, connection.transport.abortConnection)
 
-        def stop_connecting(_: object) -> defer.Deferred[None]:
+                def closed(result: object) -> object:
+                    if abort.active():
+                        abort.cancel()
+                    return result
+
+                closing.addBoth(closed)
+
+        def stop_connecting(_: object) -> Optional[defer.Deferred[None]]:
+            if not self._stopped:
+                return None  # started again meanwhile: go on connecting
             return self._connector.stopService()
 
         return closing.addCallback(stop_connecting)
@@ -284,6 +309,12 @@ class ReconnectingClient(Service):
         self.log.info("connected to {peer}", peer=describe(connection.transport.getPeer()))
         waiting, self._waiting = self._waiting, {}
         for deferred, timer in waiting.items():
+            if self._stopped:
+                # Stopped by an earlier waiter's callback: no next connection comes.
+                if timer is not None:
+                    timer.cancel()
+                deferred.errback(errors.NotConnected("the client was stopped; the request was not sent"))
+                continue
             if not connection.is_open:
                 # Closed by an earlier request's callback: wait on for the next.
                 self._waiting[deferred] = timer

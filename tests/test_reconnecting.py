@@ -254,6 +254,20 @@ def test_a_request_made_from_a_cut_off_ones_errback_waits_for_the_next_connectio
     assert success(retried[0]) is None
 
 
+def test_a_request_made_after_a_bad_reply_waits_for_the_next_connection() -> None:
+    endpoint, clock = FakeEndpoint(), Clock()
+    client = started(endpoint, clock)
+    retried: list[defer.Deferred[None]] = []
+    client.put("q", b"m").addErrback(lambda _: retried.append(client.put("q", b"again")))
+    # A reply longer than any allowed: the rest of the stream cannot be read.
+    endpoint.connections[0][0].dataReceived(pack(">I", 2**31 - 1))
+    assert len(retried) == 1 and not retried[0].called
+    assert endpoint.written(0) == frame(b"Put", b"q", b"m")  # nothing more on the dying one
+    endpoint.connections[0][0].connectionLost(Failure(ConnectionLost("closed")))
+    clock.advance(1)
+    assert endpoint.written() == frame(b"Put", b"q", b"again")
+
+
 def test_a_reply_timeout_gives_up_on_the_connection_and_connects_again() -> None:
     endpoint, clock = FakeEndpoint(), Clock()
     client = started(endpoint, clock, reply_timeout=5)
@@ -350,6 +364,49 @@ def test_stopping_lets_the_requests_in_flight_be_answered_then_closes() -> None:
     assert success(stopping) is None
     clock.advance(100)
     assert endpoint.attempts == 1
+
+
+def test_a_stop_closes_the_connection_after_its_grace_whatever_is_in_flight() -> None:
+    endpoint, clock = FakeEndpoint(), Clock()
+    client = started(endpoint, clock, stop_grace=5)
+    getting = client.get("q", 3600)  # would wait an hour
+    stopping = client.stopService()
+    protocol, transport = endpoint.connections[0]
+    clock.advance(4.9)
+    assert not stopping.called and not transport.disconnected
+    clock.advance(0.1)
+    assert transport.disconnected  # aborted
+    protocol.connectionLost(Failure(ConnectionLost("aborted")))
+    failure(getting, errors.ConnectionClosed)
+    assert success(stopping) is None
+    assert not clock.getDelayedCalls()
+
+
+def test_started_again_while_stopping_it_goes_on_connecting() -> None:
+    endpoint, clock = FakeEndpoint(), Clock()
+    client = started(endpoint, clock)
+    putting = client.put("q", b"m")
+    stopping = client.stopService()
+    client.startService()  # before the stop has finished
+    endpoint.reply(b"OK")
+    endpoint.connections[0][0].connectionLost(Failure(ConnectionLost("closed")))
+    assert success(putting) is None and success(stopping) is None
+    clock.advance(1)
+    assert client.running and client.connected and len(endpoint.connections) == 2
+    client.put("q", b"n")
+    assert endpoint.written() == frame(b"Put", b"q", b"n")
+
+
+def test_waiters_behind_one_whose_callback_stops_the_client_fail() -> None:
+    endpoint, clock = FakeEndpoint(), Clock()
+    endpoint.refusing = True
+    client = started(endpoint, clock)
+    first, second = client.when_connected(), client.when_connected()
+    first.addCallback(lambda _: client.stopService())
+    endpoint.refusing = False
+    clock.advance(1)
+    failure(second, errors.NotConnected)
+    assert not client._waiting
 
 
 def test_it_runs_under_a_parent_service_and_starts_again() -> None:
