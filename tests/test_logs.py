@@ -112,3 +112,27 @@ def test_json_lines_are_refused_for_syslog(procs: Processes) -> None:
     assert result.returncode != 0
     output = (result.stdout + result.stderr).decode("utf-8", "replace")
     assert "Traceback" not in output and "not to syslog" in output.splitlines()[-1]
+
+
+def test_a_json_line_survives_odd_fields_and_legacy_failures() -> None:
+    from twisted.python import log as legacy
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    events: list[dict[str, Any]] = []
+    Logger(observer=events.append).info("odd", ratio=float("nan"), thing=Unprintable())
+    record = json.loads(json_line(events[0]), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert record["ratio"] == "nan" and record["thing"] == "<unprintable Unprintable>"
+    legacy_events: list[dict[str, Any]] = []
+    legacy.addObserver(legacy_events.append)
+    try:
+        try:
+            raise KeyError("lost")
+        except KeyError:
+            legacy.err(None, "while testing")
+    finally:
+        legacy.removeObserver(legacy_events.append)
+    line = json.loads(json_line(legacy_events[-1]))
+    assert "KeyError" in line["traceback"]

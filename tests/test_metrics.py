@@ -137,7 +137,7 @@ def test_a_snapshot_walks_the_queues_a_slice_per_turn() -> None:
     assert producer.replies()[-1] == [b"OK"]
     server.clock.advance(0)
     assert taken
-    assert [q.name for q in taken[0].largest] == ["q9", "q1", "q2"]  # ties: in walking order
+    assert [q.name for q in taken[0].largest] == ["q9", "q0", "q1"]  # among equals, the first walked
     assert taken[0].largest[0].ready == 2
 
 
@@ -214,3 +214,27 @@ def test_scrapes_that_come_together_share_one_walk() -> None:
     third = snapshots.take()  # after the walk: a new one
     server.clock.advance(0)
     assert success(third) is not one
+
+
+def test_reservations_abandoned_with_their_connection_are_counted() -> None:
+    server = Server()
+    producer, consumer = server.connect(), server.connect()
+    producer.send([b"Put", b"q", b"a"], [b"Put", b"q", b"b"])
+    consumer.send([b"Reserve", b"q"], [b"Reserve", b"q"])
+    assert len(consumer.replies()) == 2
+    consumer.close()
+    stats = take(server)
+    assert stats.counters["abandoned"] == 2 and stats.counters["deliveries"] == 2
+    assert stats.ready == 2 and stats.reserved == 0
+
+
+def test_queues_whose_names_differ_only_in_invalid_bytes_stay_apart() -> None:
+    server = Server()
+    producer = server.connect()
+    names = [b"\xff\xfe", b"\xfe\xff", b"\\xff\\xfe", "caf\u00e9".encode()]
+    for name in names:
+        producer.send([b"Put", name, b"m"])
+    labels = [q.name for q in take(server).largest]
+    assert sorted(labels) == sorted(["\\xff\\xfe", "\\xfe\\xff", "\\\\xff\\\\xfe", "caf\u00e9"])
+    metrics = samples(take(server))
+    assert len([key for key in metrics if key[0] == "mqmq_queue_messages"]) == 3 * len(names)

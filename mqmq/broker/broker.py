@@ -884,7 +884,9 @@ class Broker(service.Service):
         """Every message ``owner`` holds reserved goes back to the front of
         its queue, oldest first (its connection closed)."""
         by_queue: dict[bytes, list[Entry]] = {}
-        for reservation in list(self._owned.get(owner, {}).values()):
+        owned = self._owned.get(owner, {})
+        self.counters.abandoned += len(owned)
+        for reservation in list(owned.values()):
             self._forget_reservation(reservation)
             by_queue.setdefault(reservation.queue_name, []).append(reservation.entry)
         for queue_name, entries in by_queue.items():

@@ -48,8 +48,8 @@ class Counters:
 
     __slots__ = (
         "requests", "errors", "malformed", "connections", "connections_refused",
-        "deliveries", "redeliveries", "wait_timeouts", "lease_expirations", "buried", "kicked",
-        "returned", "bytes_in", "bytes_out",
+        "deliveries", "redeliveries", "wait_timeouts", "lease_expirations", "abandoned", "buried",
+        "kicked", "returned", "bytes_in", "bytes_out",
     )
 
     def __init__(self) -> None:
@@ -62,18 +62,23 @@ class Counters:
         #: Connections accepted, and refused (``--max-connections``).
         self.connections = 0
         self.connections_refused = 0
-        #: Messages handed out, by ``Get`` or ``Reserve``; of them, messages
-        #: handed out before (a ``Reserve``'s delivery count above one).
+        #: Messages handed out, by ``Get`` or ``Reserve`` (whether or not the
+        #: reply then reached the consumer: see ``returned``, ``abandoned``);
+        #: of them, messages handed out before (a ``Reserve``'s delivery
+        #: count above one).
         self.deliveries = 0
         self.redeliveries = 0
         #: ``Get``s and ``Reserve``s answered ``Timeout``.
         self.wait_timeouts = 0
-        #: Reservations whose lease ran out (their message went back).
+        #: Reservations whose lease ran out, and those whose connection
+        #: closed before their Ack (their messages went back).
         self.lease_expirations = 0
+        self.abandoned = 0
         #: Messages buried (by ``Bury``, or past ``--max-deliveries``), and kicked back.
         self.buried = 0
         self.kicked = 0
-        #: Messages whose reply never reached their consumer, put back.
+        #: Messages handed out by ``Get`` whose reply never reached their
+        #: consumer, put back.
         self.returned = 0
         #: Bytes read from and written to connections already closed (the
         #: open ones keep their own until they close).
@@ -162,8 +167,14 @@ class Snapshot:
         }
 
 
+def queue_label(name: bytes) -> str:
+    """A queue name as text that tells every name apart: an invalid UTF-8
+    byte as ``\\xNN``, a backslash doubled."""
+    return name.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
 def _queue_stats(queue: QueueState) -> QueueStats:
-    return QueueStats(queue.name.decode("utf-8", "replace"), len(queue.messages), queue.reserved,
+    return QueueStats(queue_label(queue.name), len(queue.messages), queue.reserved,
                       queue.buried, len(queue.waiters))
 
 
@@ -190,16 +201,17 @@ class _Walk:
             queue = queues[index]
             waiting += len(queue.waiters)
             held = len(queue.messages) + queue.reserved + queue.buried
+            # (Among equals, the first walked stay: -index is larger.)
             if len(top) < most:
-                heapq.heappush(top, (held, index, queue))
+                heapq.heappush(top, (held, -index, queue))
             elif held > top[0][0]:
-                heapq.heapreplace(top, (held, index, queue))
+                heapq.heapreplace(top, (held, -index, queue))
         self.waiting += waiting
         self.index = end
         if end < len(queues):
             self.clock.callLater(0, self.step)
             return
-        largest = [_queue_stats(queue) for _, _, queue in sorted(top, key=lambda t: (-t[0], t[1]))]
+        largest = [_queue_stats(queue) for _, _, queue in sorted(top, key=lambda t: (-t[0], -t[1]))]
         self.done.callback((self.waiting, largest))
 
 

@@ -9,6 +9,7 @@ level.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from typing import IO, Any, Optional
 
@@ -33,11 +34,16 @@ _NOT_FIELDS = frozenset(("message", "format", "isError", "system", "why", "failu
 
 
 def _field(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)  # strict JSON has no NaN
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
-    return str(value)
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def json_line(event: dict[str, Any]) -> str:
@@ -53,7 +59,7 @@ def json_line(event: dict[str, Any]) -> str:
     for key, value in event.items():
         if not key.startswith("log_") and key not in _NOT_FIELDS and key not in line:
             line[key] = _field(value)
-    failure = event.get("log_failure")
+    failure = event.get("log_failure") or event.get("failure")  # (legacy log.err gives "failure")
     if isinstance(failure, Failure):
         line["traceback"] = failure.getTraceback()
     return json.dumps(line, ensure_ascii=False) + "\n"

@@ -491,6 +491,9 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
             self._reply(frame)
 
     def _send_message(self, queue: bytes, message: bytes) -> None:
+        # Counted as handed out now; should its reply never reach the peer,
+        # it comes back (counted returned) as a Reserve's does (abandoned).
+        self._counters.deliveries += 1
         if self._held is not None or self._store.pending is not None:
             # Not before the store has written that it was taken.
             self._hold(self._store.pending, _HELD_MESSAGE, queue, message)
@@ -498,7 +501,6 @@ class MQServerProtocol(FrameReceiver, TimeoutMixin):
         self._write_message(queue, message)
 
     def _write_message(self, queue: bytes, message: bytes) -> None:
-        self._counters.deliveries += 1
         # Two writes, so a large message is not copied into a new frame.
         header = _UINT32.pack(4 + 2 + 4 + len(message)) + _UINT32.pack(2) + OK
         self._out.write_message(queue, message, header, _UINT32.pack(len(message)), message)

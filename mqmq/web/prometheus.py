@@ -29,9 +29,11 @@ _EVENTS = {
     "redeliveries": ("mqmq_redeliveries", "Messages handed out by Reserve that had been handed out before."),
     "wait_timeouts": ("mqmq_wait_timeouts", "Gets and Reserves that waited and were answered Timeout."),
     "lease_expirations": ("mqmq_lease_expirations", "Reservations whose lease ran out; their message went back."),
+    "abandoned": ("mqmq_reservations_abandoned",
+                  "Reservations whose connection closed before their Ack; their message went back."),
     "buried": ("mqmq_buried", "Messages buried (by Bury, or past --max-deliveries)."),
     "kicked": ("mqmq_kicked", "Buried messages kicked back."),
-    "returned": ("mqmq_returned", "Messages put back because their reply never reached the consumer."),
+    "returned": ("mqmq_returned", "Messages handed out by Get put back: their reply never reached the consumer."),
     "malformed": ("mqmq_malformed_frames", "Connections closed for a frame that could not be read."),
     "bytes_in": ("mqmq_received_bytes", "Bytes read from client connections."),
     "bytes_out": ("mqmq_sent_bytes", "Bytes written to client connections."),
@@ -63,8 +65,8 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily("mqmq_message_bytes", "Bytes of messages held now.", value=snapshot.held_bytes)
     largest = GaugeMetricFamily(
         "mqmq_queue_messages",
-        f"Messages held by each of the {len(snapshot.largest)} largest queues, by state "
-        "(the rest are counted only in mqmq_messages).",
+        "Messages held by each of the largest queues (20 by default), by state; "
+        "the rest are counted only in mqmq_messages.",
         labels=["queue", "state"],
     )
     for queue in snapshot.largest:
