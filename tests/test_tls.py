@@ -210,6 +210,30 @@ async def test_twisted_ssl_and_tls_endpoint_strings(files: certificates.Files, t
         await server.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_twisted_tls_server_and_ssl_client_endpoint_strings(files: certificates.Files, tmp_path: Path) -> None:
+    # --listen tls:DIRECTORY (Twisted's: a PEM file per host name, served by
+    # SNI) on the server, an ssl: client endpoint through connect_endpoint.
+    pems = tmp_path / "pems"
+    pems.mkdir()
+    (pems / "localhost.pem").write_bytes(files.server_key.read_bytes() + files.server_cert.read_bytes())
+    server = MQService(reactor, [tap.listen_description(f"tls:{pems}:port=0:interface=\\:\\:1")])
+    server.startService()
+    try:
+        port = server.ports[0].getHost().port
+        endpoint = clientFromString(
+            reactor, f"ssl:host=\\:\\:1:port={port}:caCertsDir={files.ca.parent}"
+            f":certKey={files.client_cert}:privateKey={files.client_key}")
+        client = await connect_endpoint(endpoint)
+        await client.put(b"q", b"over tls: and ssl:")
+        assert await client.get(b"q") == b"over tls: and ssl:"
+        peer = client.transport.getPeerCertificate().to_cryptography()
+        assert peer.subject.rfc4514_string() == "CN=localhost"
+        await client.disconnect()
+    finally:
+        await server.stopService()
+
+
 # --- files that cannot be used --------------------------------------------------------
 
 
