@@ -396,3 +396,48 @@ def test_twistd_with_a_key_not_matching_says_why(procs: Processes, files: certif
     assert "Traceback" not in output
     assert f"--key {files.client_key}: the private key does not match" in output.splitlines()[-1], output
 
+
+
+def _tls_socket(files: certificates.Files, port: int) -> Any:
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(files.ca))
+    context.load_cert_chain(str(files.client_cert), str(files.client_key))
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                               server_hostname="127.0.0.1")
+
+
+def test_a_tls_consumer_gone_behind_unread_data_never_takes_a_message(
+    procs: Processes, files: certificates.Files
+) -> None:
+    # As tests/test_departed_tcp.py's, over TLS: the consumer's FIN waits
+    # behind data the server will not read, so only the kernel (TCP_INFO on
+    # the socket under the TLS layer) can tell it has gone.
+    import ssl
+    import time
+
+    from mqmq.wire.codec import decode_payload, encode_frame
+    from support import read_exactly
+
+    def request(sock: Any, *fields: bytes) -> list[bytes]:
+        sock.sendall(encode_frame(list(fields)))
+        return decode_payload(read_exactly(sock, int.from_bytes(read_exactly(sock, 4), "big")))
+
+    _, _, port = procs.start_server(*tls_options(files), "--max-pending-bytes", "65536")
+    consumer = _tls_socket(files, port)
+    consumer.sendall(encode_frame([b"Get", b"q", b"3600000"]))
+    consumer.setblocking(False)
+    junk, blocked_since = encode_frame([b"Put", b"junk", b"x" * 4000]), None
+    while blocked_since is None or time.monotonic() - blocked_since < 0.3:
+        try:
+            consumer.send(junk)
+            blocked_since = None
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            blocked_since = blocked_since or time.monotonic()
+            time.sleep(0.01)
+    consumer.close()  # (no close_notify: as a process that died)
+    with _tls_socket(files, port) as producer:
+        assert request(producer, b"Put", b"q", b"acknowledged") == [b"OK"]
+        got = request(producer, b"Get", b"q", b"5000")
+    assert got == [b"OK", b"acknowledged"]

@@ -9,7 +9,7 @@ peer has closed its side, ``CLOSE`` after a reset.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Optional
 
 _TCP_ESTABLISHED = 1
 
@@ -21,14 +21,30 @@ def peer_has_gone(transport: Any) -> bool:
     socket on a system with ``TCP_INFO`` (then nothing can be known unread).
     """
     tcp_info = getattr(socket, "TCP_INFO", None)
-    get_handle = getattr(transport, "getHandle", None)
-    if tcp_info is None or get_handle is None:
+    handle = _socket_under(transport)
+    if tcp_info is None or handle is None or handle.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     try:
-        handle = get_handle()
-        if handle.family not in (socket.AF_INET, socket.AF_INET6):
-            return False
         state = handle.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0]
-    except (OSError, AttributeError):
+    except OSError:
         return False
     return bool(state != _TCP_ESTABLISHED)
+
+
+def _socket_under(transport: Any) -> Optional[socket.socket]:
+    """The socket a transport writes to, through any wrapping protocol's
+    transport (TLS is a protocol over the TCP transport; its handle is the
+    OpenSSL connection, not the socket)."""
+    for _ in range(8):  # (wrappers do not nest deeper)
+        get_handle = getattr(transport, "getHandle", None)
+        if get_handle is not None:
+            try:
+                handle = get_handle()
+            except Exception:
+                handle = None
+            if isinstance(handle, socket.socket):
+                return handle
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
