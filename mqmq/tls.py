@@ -6,6 +6,7 @@ this module before TLS is asked for.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Callable, Optional, TypeVar
 
@@ -14,6 +15,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import defer, ssl
 from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import (
@@ -144,7 +148,12 @@ def server_tls(certificate: str, key: Optional[str] = None, ca: Optional[str] = 
     chain, private_key = _identity(certificate, key)
     trust = None if ca is None else _trust(ca)
     # A trust root makes the server require a client certificate signed by it.
-    return ssl.CertificateOptions(trustRoot=trust, **_identity_options(chain, private_key))
+    options = ssl.CertificateOptions(trustRoot=trust, **_identity_options(chain, private_key))
+    try:
+        options.getContext()  # now, not at the first connection
+    except SSL.Error as error:  # e.g. a key too weak for OpenSSL's security level
+        raise TLSFileError("certificate", certificate, f"OpenSSL refuses it: {_openssl_says(error)}") from None
+    return options
 
 
 def client_tls(
@@ -166,17 +175,71 @@ def client_tls(
         raise TLSFileError("key", key, "a private key without its certificate")
     trust = None if ca is None else _trust(ca)
     identity = None if certificate is None else _identity_options(*_identity(certificate, key))
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust, extraCertificateOptions=identity)
+    if identity is not None:
+        try:  # now, not at the first connection
+            ssl.CertificateOptions(**identity).getContext()
+        except SSL.Error as error:  # e.g. a key too weak for OpenSSL's security level
+            raise TLSFileError("certificate", str(certificate), f"OpenSSL refuses it: {_openssl_says(error)}") from None
+    options = ssl.optionsForClientTLS(hostname, trustRoot=trust, extraCertificateOptions=identity)
+    return _ServerNameChecked(hostname, options)
+
+
+def _openssl_says(error: SSL.Error) -> str:
+    errors = error.args[0] if error.args else None
+    if isinstance(errors, list):
+        said = [str(item[-1]) for item in errors if isinstance(item, tuple) and item]
+        if said:
+            return "; ".join(said)
+    return str(error)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ServerNameChecked:
+    """Twisted's client TLS, whose check of the server's name also refuses a
+    certificate that names no host at all.
+
+    (Twisted's check fails the handshake on service_identity's
+    ``VerificationError`` only; a certificate without subjectAltName raises
+    ``CertificateError``, which it logs and lets through.)
+    """
+
+    log = Logger()
+
+    def __init__(self, hostname: str, options: IOpenSSLClientConnectionCreator) -> None:
+        self._options = options
+        try:
+            ipaddress.ip_address(hostname)
+            self._server: Any = IPAddress_ID(hostname)
+        except ValueError:
+            self._server = DNS_ID(hostname)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        # In place of Twisted's own check (it sent the server name already).
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(tlsProtocol))
+        return connection
+
+    def _verifier(self, tlsProtocol: Any) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
+        def verify(connection: SSL.Connection, certificate: Any, error: int, depth: int, ok: int) -> bool:
+            if not ok or depth != 0:
+                return bool(ok)  # the chain is OpenSSL's to judge; the name is ours
+            try:
+                verify_service_identity(extract_patterns(certificate), [self._server], [])
+            except (VerificationError, CertificateError):
+                tlsProtocol.failVerification(Failure())
+                return False
+            except BaseException:  # raised into OpenSSL, it would be lost: refuse, and say why
+                self.log.failure("checking the server's certificate failed")
+                return False
+            return True
+
+        return verify
 
 
 def handshake_error(reason: Failure) -> str:
     """Why a TLS handshake failed, as OpenSSL says it (``certificate verify failed``)."""
     if reason.check(SSL.Error):
-        errors = reason.value.args[0] if reason.value.args else None
-        if isinstance(errors, list):
-            said = [str(error[-1]) for error in errors if isinstance(error, tuple) and error]
-            if said:
-                return "; ".join(said)
+        return _openssl_says(reason.value)
     return reason.getErrorMessage()
 
 

@@ -29,6 +29,9 @@ class Files:
     server_key: Path
     client_cert: Path
     client_key: Path
+    #: Signed by :attr:`ca`, with no subjectAltName and no extended key usage.
+    bare_cert: Path
+    bare_key: Path
     #: Signed by another CA than :attr:`ca`.
     stranger_cert: Path
     stranger_key: Path
@@ -42,7 +45,7 @@ def _key() -> _Key:
 
 def _certificate(
     name: str, key: _Key, issuer: Optional[tuple[x509.Certificate, _Key]] = None,
-    server: bool = False,
+    server: bool = False, bare: bool = False,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -64,6 +67,8 @@ def _certificate(
                           crl_sign=True, encipher_only=False, decipher_only=False),
             critical=True,
         )
+    elif bare:
+        pass  # as `openssl x509 -req` makes one by default: no names, no purpose
     elif server:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([
@@ -102,12 +107,16 @@ def make(directory: Path) -> Files:
     server = _certificate("localhost", server_key, (ca, ca_key), server=True)
     client = _certificate("client", client_key, (ca, ca_key))
     stranger = _certificate("stranger", stranger_key, (other, other_key))
+    bare_key = _key()
+    bare = _certificate("127.0.0.1", bare_key, (ca, ca_key), bare=True)
     return Files(
         ca=_write(directory / "ca.pem", _cert_pem(ca)),
         server_cert=_write(directory / "server.pem", _cert_pem(server)),
         server_key=_write(directory / "server.key", _key_pem(server_key)),
         client_cert=_write(directory / "client.pem", _cert_pem(client)),
         client_key=_write(directory / "client.key", _key_pem(client_key)),
+        bare_cert=_write(directory / "bare.pem", _cert_pem(bare)),
+        bare_key=_write(directory / "bare.key", _key_pem(bare_key)),
         stranger_cert=_write(directory / "stranger.pem", _cert_pem(stranger)),
         stranger_key=_write(directory / "stranger.key", _key_pem(stranger_key)),
         other_ca=_write(directory / "other-ca.pem", _cert_pem(other)),

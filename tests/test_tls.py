@@ -164,6 +164,28 @@ async def test_the_client_refuses_a_server_its_ca_did_not_sign(
     assert UNKNOWN_CA in str(error)
 
 
+@pytest.mark.parametrize("name", ["127.0.0.1", "mq.example.com"])
+@pytest_twisted.ensureDeferred
+async def test_the_client_refuses_a_server_certificate_that_names_no_host(
+    files: certificates.Files, name: str
+) -> None:
+    # Signed by the right CA, even with the address as its common name, but
+    # naming no host (no subjectAltName): it could be any of the CA's
+    # certificates, a client's among them.
+    options = tap.Options()
+    options.parseOptions(["--addr", "127.0.0.1:0", "--cert", str(files.bare_cert), "--key", str(files.bare_key)])
+    server = tap.make_server(options, reactor)
+    server.startService()
+    try:
+        port = server.ports[0].getHost().port
+        client = await connect(reactor, f"127.0.0.1:{port}", tls=client_tls(name, ca=str(files.ca)))
+        with pytest.raises(errors.ConnectionClosed):
+            await client.put(b"q", b"must not reach a server that could be anyone")
+        assert (await server.broker.get(b"q", 0.01).addErrback(lambda _: None)) is None
+    finally:
+        await server.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_connection_over_the_limit_is_closed(files: certificates.Files, logged: list[str]) -> None:
     options = tap.Options()
@@ -441,3 +463,27 @@ def test_a_tls_consumer_gone_behind_unread_data_never_takes_a_message(
         assert request(producer, b"Put", b"q", b"acknowledged") == [b"OK"]
         got = request(producer, b"Get", b"q", b"5000")
     assert got == [b"OK", b"acknowledged"]
+
+
+def test_a_key_too_weak_for_openssl_is_a_usage_error_not_a_failure_per_connection(tmp_path: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .sign(key, hashes.SHA256()))
+    (tmp_path / "weak.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "weak.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(usage.UsageError, match="OpenSSL refuses it"):
+        tap.Options().parseOptions(["--addr", "127.0.0.1:0", "--cert", str(tmp_path / "weak.pem"),
+                                    "--key", str(tmp_path / "weak.key")])
+    with pytest.raises(TLSFileError, match="OpenSSL refuses it"):
+        client_tls("127.0.0.1", str(tmp_path / "weak.pem"), str(tmp_path / "weak.key"))
