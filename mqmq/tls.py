@@ -243,12 +243,35 @@ def handshake_error(reason: Failure) -> str:
     return reason.getErrorMessage()
 
 
+#: Seconds a client has to finish its TLS handshake once connected.
+HANDSHAKE_SECONDS = 10.0
+
+
 class _ServerTLSProtocol(BufferingTLSTransport):
     """Twisted's server side of TLS, logging the clients whose handshake failed."""
 
     log = Logger()
 
+    _handshake_timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        # A client that never finishes its handshake (or never starts it)
+        # must not hold one of --max-connections' places for ever.
+        self._handshake_timer = self.factory._clock.callLater(HANDSHAKE_SECONDS, self._handshake_too_slow)
+        super().makeConnection(transport)
+
+    def _handshake_too_slow(self) -> None:
+        self._handshake_timer = None
+        if not self._handshakeDone:
+            self.log.info("refused {peer}: no TLS handshake within {seconds:g} s",
+                          peer=describe(self.getPeer()), seconds=HANDSHAKE_SECONDS)
+            transport: Any = self.transport
+            transport.abortConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
         # Twisted's own state: a failed handshake leaves _handshakeDone false
         # and keeps its OpenSSL error in _reason, which the wrapped protocol
         # gets instead of the TCP reason.

@@ -187,6 +187,36 @@ async def test_the_client_refuses_a_server_certificate_that_names_no_host(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_that_never_shakes_hands_is_closed_and_logged(
+    files: certificates.Files, logged: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mqmq.tls
+    from twisted.internet import defer
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    monkeypatch.setattr(mqmq.tls, "HANDSHAKE_SECONDS", 0.2)
+    options = tap.Options()
+    options.parseOptions(["--addr", "127.0.0.1:0", *tls_options(files)])
+    server = tap.make_server(options, reactor)
+    server.startService()
+    try:
+        closed: defer.Deferred[None] = defer.Deferred()
+
+        class Silent(Protocol):
+            def connectionLost(self, reason: Any = None) -> None:
+                closed.callback(None)
+
+        port = server.ports[0].getHost().port
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Silent())
+        await closed.addTimeout(5, reactor)
+        assert [line for line in logged if "no TLS handshake within 0.2 s" in line]
+        assert server.broker.num_connections == 0
+    finally:
+        await server.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_connection_over_the_limit_is_closed(files: certificates.Files, logged: list[str]) -> None:
     options = tap.Options()
     options.parseOptions(["--addr", "127.0.0.1:0", "--max-connections", "1", *tls_options(files)])
