@@ -100,8 +100,14 @@ async def test_the_dashboard_is_the_index_and_other_paths_are_not_found(service:
     code, headers, body = await fetch(service, "/")
     assert code == 200 and headers["content-type"].startswith("text/html")
     assert b"<title>" in body
-    code, _, _ = await fetch(service, "/nothing-here")
-    assert code == 404
+    assert headers["content-security-policy"].startswith("default-src 'self'")
+    assert headers["x-content-type-options"] == "nosniff" and headers["cache-control"] == "no-cache"
+    for path in ("/dashboard.js", "/dashboard.css", "/index.html"):
+        code, headers, _ = await fetch(service, path)
+        assert code == 200 and headers["x-content-type-options"] == "nosniff", path
+    for path in ("/nothing-here", "/index.html%00", "/%00", "/../site.py", "/dashboard.js/x"):
+        code, _, _ = await fetch(service, path)
+        assert code == 404, path
 
 
 def _http_port(read_log: Any, process: subprocess.Popen) -> int:

@@ -8,6 +8,7 @@ A scrape takes a snapshot a slice of queues per reactor turn
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from typing import Any, Optional
 
@@ -130,12 +131,33 @@ def dashboard_directory() -> str:
     return str(resources.files("mqmq.web") / "dashboard")
 
 
+class _DashboardFile(File):
+    """One of the dashboard's files, revalidated on every load (a new
+    version of the server serves a new page) and never sniffed."""
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", _CONTENT_SECURITY_POLICY)
+        return super().render_GET(request)
+
+
+# The page loads its own script and style, and nothing from elsewhere.
+_CONTENT_SECURITY_POLICY = b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+
+#: The dashboard's files; nothing else in its directory is served.
+DASHBOARD_FILES = ("index.html", "dashboard.js", "dashboard.css")
+
+
 def site(service: MQService) -> server.Site:
     """The web site of a server: serve it on any endpoint, e.g.
     ``StreamServerEndpointService(serverFromString(reactor, "tcp:9477:interface=127.0.0.1"), site(service))``.
     """
-    root = File(dashboard_directory(), defaultType="text/plain")
-    root.indexNames = ["index.html"]
+    directory = dashboard_directory()
+    root = Resource()
+    root.putChild(b"", _DashboardFile(os.path.join(directory, "index.html")))
+    for name in DASHBOARD_FILES:
+        root.putChild(name.encode("ascii"), _DashboardFile(os.path.join(directory, name)))
     snapshots = SharedSnapshots(service)
     root.putChild(b"metrics", Metrics(snapshots))
     root.putChild(b"stats", Stats(snapshots))

@@ -123,7 +123,10 @@ function niceCeiling(value) {
 
 function show(stats, at) {
   const rates = {};
-  const restarted = previous && stats.uptime_seconds < previous.stats.uptime_seconds;
+  // Another process (a restart) when the start time moved, or a count went down.
+  const started = (s) => s.time - s.uptime_seconds;
+  const restarted = previous && (Math.abs(started(stats) - started(previous.stats)) > 1
+    || RATES.some(({count: read}) => read(stats) < read(previous.stats)));
   const elapsed = previous ? stats.time - previous.stats.time : 0;
   for (const {key, count: read} of RATES) {
     const value = read(stats);
