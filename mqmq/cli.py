@@ -146,6 +146,7 @@ class StartOptions(tap.Options):
         super().__init__()
         self["reactor"] = DEFAULT_REACTOR
 
+    @tap.one_line_help
     def opt_reactor(self, name: str) -> None:
         """The Twisted reactor to run on, as twistd -r names them (twistd
         --help-reactors lists them); mqmq-epoll, the default on Linux, is
@@ -251,7 +252,7 @@ class Options(tap.VersionOption, usage.Options):
 def _go_style_flags(argv: Sequence[str]) -> list[str]:
     """Accept the original's one-dash long flags (``-addr``) beside ``--addr``."""
     return [
-        "-" + argument if re.match(r"-[a-z]{2,}(=|\Z)", argument) else argument
+        "-" + argument if re.match(r"-[a-z][a-z-]+(=|\Z)", argument) else argument
         for argument in argv
     ]
 

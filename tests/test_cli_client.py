@@ -307,3 +307,12 @@ def test_max_message_bytes_for_a_server_that_allows_more(procs: Processes) -> No
     assert refused.returncode == EXIT_FAILURE
     assert_one_error_line(refused)
     assert time.monotonic() - started < COMMAND_TIMEOUT
+
+
+def test_every_long_option_may_take_one_dash_go_style_hyphenated_ones_too() -> None:
+    from mqmq import cli
+
+    assert cli._go_style_flags(
+        ["-addr", "a:1", "-no-ack", "-max-message-bytes=1KiB", "-log-format", "json", "-a", "-", "-5", "--cert", "c"]
+    ) == ["--addr", "a:1", "--no-ack", "--max-message-bytes=1KiB", "--log-format", "json", "-a", "-", "-5",
+          "--cert", "c"]

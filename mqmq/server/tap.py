@@ -10,7 +10,7 @@ import signal
 import sys
 from dataclasses import fields
 from types import FrameType, ModuleType
-from typing import Any, Callable, NoReturn, Optional, Sequence, Union
+from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar, Union
 
 import twisted
 from twisted.application import app, service
@@ -164,6 +164,16 @@ def server_tls_option(
         raise usage.UsageError(f"{TLS_OPTIONS[error.role]} {error}") from None
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def one_line_help(method: _Method) -> _Method:
+    """An option method whose docstring, its help, is printed as one paragraph
+    (usage.Options keeps a docstring's line breaks and indentation)."""
+    method.__doc__ = " ".join((method.__doc__ or "").split())
+    return method
+
+
 class VersionOption:
     """``--version`` says mqmq's version, not Twisted's."""
 
@@ -258,6 +268,7 @@ class Options(VersionOption, usage.Options):
             print(f"{' '.join(sys.argv[0:2])}: {error}")
             raise SystemExit(1) from None
 
+    @one_line_help
     def opt_listen(self, description: str) -> None:
         """Also listen on a Twisted endpoint (tcp6:, unix:, ssl: ...); repeatable.
         A unix: socket without mode= gets mode 660."""
@@ -265,6 +276,7 @@ class Options(VersionOption, usage.Options):
 
     opt_l = opt_listen
 
+    @one_line_help
     def opt_http(self, description: str) -> None:
         """Serve metrics (/metrics, Prometheus's format), /stats (JSON) and the
         dashboard (/) over HTTP on a Twisted endpoint, e.g.
