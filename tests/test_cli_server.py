@@ -175,6 +175,10 @@ BAD_LISTEN = [
                  marks=pytest.mark.skipif(OPENSSL_INSTALLED, reason="pyOpenSSL is installed")),
     pytest.param("ssl:0:privateKey=missing.pem", "No such file", id="ssl-missing-key",
                  marks=pytest.mark.skipif(not OPENSSL_INSTALLED, reason="needs pyOpenSSL")),
+    pytest.param("tls:/nonexistent-mqmq-pems:port=0", "no such directory", id="tls-missing-directory",
+                 marks=pytest.mark.skipif(not OPENSSL_INSTALLED, reason="needs pyOpenSSL")),
+    pytest.param("tls:.:port=0", "no HOSTNAME.pem file", id="tls-no-pem",
+                 marks=pytest.mark.skipif(not OPENSSL_INSTALLED, reason="needs pyOpenSSL")),
 ]
 
 

@@ -116,12 +116,20 @@ def listen_description(description: str, option: str = "--listen") -> str:
         raise usage.UsageError(
             f"{option} {description!r}: not a valid endpoint description ({error})"
         ) from None
+    # Twisted's own parser, to see the description exactly as it does.
+    arguments, keywords = _parse(description)
     if isinstance(endpoint, UNIXServerEndpoint):
-        # Twisted's own parser, to see the description exactly as it does;
-        # a mode may also come positionally, after the path.
-        arguments, keywords = _parse(description)
+        # A mode may also come positionally, after the path.
         if "mode" not in keywords and len(arguments) < 3:
             return f"{description}:mode={UNIX_SOCKET_MODE:o}"
+    elif arguments and arguments[0] == "tls" and len(arguments) > 1:
+        # Twisted reads a tls: directory only as clients connect: a wrong
+        # one would fail every handshake, with a warning each time.
+        directory = arguments[1]
+        if not os.path.isdir(directory):
+            raise usage.UsageError(f"{option} {description!r}: no such directory: {directory}")
+        if not any(name.endswith(".pem") for name in os.listdir(directory)):
+            raise usage.UsageError(f"{option} {description!r}: no HOSTNAME.pem file in {directory}")
     return description
 
 
