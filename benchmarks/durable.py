@@ -688,6 +688,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat each part N times (memory: once) and report medians")
     parser.add_argument("--quick", action="store_true", help="every count divided by 10: a smoke run")
+    parser.add_argument("--divide", type=int, default=None, metavar="N",
+                        help="every count divided by N (the tests use 100)")
     parser.add_argument("--many", type=int, default=Counts.many, metavar="N",
                         help="messages queued for the memory part (default 1,000,000; 10000000 for "
                              "the issue's target)")
@@ -915,7 +917,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    divisor = 10 if args.quick else 1
+    divisor = args.divide or (10 if args.quick else 1)
     counts = Counts(many=args.many).scaled(divisor)
     directory = tempfile.mkdtemp(prefix="mqmq-durable-", dir="/tmp")
     durable = Durable(counts, tools["loadgen"], tools["floor"], directory)
@@ -929,7 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"load:    {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min){busy}")
     if box["mqmq_commit"]:
         print(f"mqmq:    commit {box['mqmq_commit']}")
-    print(f"counts:  {'divided by 10' if divisor > 1 else 'full'}; runs: {args.runs}; {MESSAGE_SIZE}-byte "
+    print(f"counts:  {f'divided by {divisor}' if divisor > 1 else 'full'}; runs: {args.runs}; {MESSAGE_SIZE}-byte "
           f"messages; databases in {directory}")
     print()
     parts: dict[str, Any] = {}

@@ -58,7 +58,8 @@ def test_a_quick_run_is_clean_and_every_figure_positive(tools: dict[str, str], t
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(bench, "BUILD_DIR", str(Path(tools["loadgen"]).parent))
     out = tmp_path / "durable.json"
-    status = run_keeping_signals(durable.main, ["--quick", "--only", "throughput,restart,sync", "--json", str(out)])
+    status = run_keeping_signals(durable.main, ["--divide", "100", "--only", "throughput,restart,sync",
+                                                "--json", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["errors"] == [], printed
