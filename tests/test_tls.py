@@ -238,6 +238,16 @@ async def test_a_connection_over_the_limit_is_closed(files: certificates.Files, 
         await server.stopService()
 
 
+async def round_trip(endpoint: Any, message: bytes) -> str:
+    """Put and get ``message`` over a client endpoint; the server certificate's subject."""
+    client = await connect_endpoint(endpoint)
+    await client.put(b"q", message)
+    assert await client.get(b"q") == message
+    subject = client.transport.getPeerCertificate().to_cryptography().subject.rfc4514_string()
+    await client.disconnect()
+    return str(subject)
+
+
 @pytest_twisted.ensureDeferred
 async def test_twisted_ssl_and_tls_endpoint_strings(files: certificates.Files, tmp_path: Path) -> None:
     # --listen ssl:... on the server, a tls: client endpoint through connect_endpoint.
@@ -253,11 +263,7 @@ async def test_twisted_ssl_and_tls_endpoint_strings(files: certificates.Files, t
         endpoint = clientFromString(
             reactor, f"tls:127.0.0.1:{port}:trustRoots={roots}"
             f":certificate={files.client_cert}:privateKey={files.client_key}")
-        client = await connect_endpoint(endpoint)
-        await client.put(b"q", b"over tls:")
-        assert await client.get(b"q") == b"over tls:"
-        assert client.transport.getPeerCertificate() is not None
-        await client.disconnect()
+        assert await round_trip(endpoint, b"over tls:") == "CN=localhost"
     finally:
         await server.stopService()
 
@@ -276,12 +282,7 @@ async def test_twisted_tls_server_and_ssl_client_endpoint_strings(files: certifi
         endpoint = clientFromString(
             reactor, f"ssl:host=\\:\\:1:port={port}:caCertsDir={files.ca.parent}"
             f":certKey={files.client_cert}:privateKey={files.client_key}")
-        client = await connect_endpoint(endpoint)
-        await client.put(b"q", b"over tls: and ssl:")
-        assert await client.get(b"q") == b"over tls: and ssl:"
-        peer = client.transport.getPeerCertificate().to_cryptography()
-        assert peer.subject.rfc4514_string() == "CN=localhost"
-        await client.disconnect()
+        assert await round_trip(endpoint, b"over tls: and ssl:") == "CN=localhost"
     finally:
         await server.stopService()
 
