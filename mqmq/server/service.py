@@ -46,6 +46,10 @@ class _Listener(StreamServerEndpointService):
         return stopped
 
 
+def _listening(listeners: list[_Listener]) -> list[IListeningPort]:
+    return [listener.port for listener in listeners if listener.port is not None]
+
+
 class MQService(service.MultiService):
     """A broker serving clients on any number of Twisted server endpoints.
 
@@ -75,26 +79,27 @@ class MQService(service.MultiService):
 
     def listen_on(self, endpoint: IStreamServerEndpoint) -> None:
         """Serve clients on one more endpoint (from when the service runs)."""
-        listener = _Listener(endpoint, self.factory)
-        self._listeners.append(listener)
-        listener.setServiceParent(self)
+        self._listen(endpoint, self.factory, self._listeners)
 
     def serve_also(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         """Serve something else beside the queues on an endpoint, started and
         stopped with them: the metrics' web site (:func:`mqmq.web.site.site`)."""
+        self._listen(endpoint, factory, self._other_listeners)
+
+    def _listen(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, listeners: list[_Listener]) -> None:
         listener = _Listener(endpoint, factory)
-        self._other_listeners.append(listener)
+        listeners.append(listener)
         listener.setServiceParent(self)
 
     @property
     def other_ports(self) -> list[IListeningPort]:
         """The ports of :meth:`serve_also`, listening now, in the order given."""
-        return [listener.port for listener in self._other_listeners if listener.port is not None]
+        return _listening(self._other_listeners)
 
     @property
     def ports(self) -> list[IListeningPort]:
         """The ports listening now, in the order the endpoints were given."""
-        return [listener.port for listener in self._listeners if listener.port is not None]
+        return _listening(self._listeners)
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop accepting, close every connection, withdraw every waiting ``Get``,

@@ -310,21 +310,12 @@ class Options(VersionOption, usage.Options):
             )
         if self["max-info-bytes"] > MAX_INFO_BYTES:
             raise usage.UsageError(f"--max-info-bytes may be {MAX_INFO_BYTES} at most")
-        if self["log-format"] not in LOG_FORMATS:
-            raise usage.UsageError(
-                f"--log-format {self['log-format']!r}: want one of {', '.join(LOG_FORMATS)}"
-            )
-        if self["log-level"] not in LOG_LEVELS:
-            raise usage.UsageError(
-                f"--log-level {self['log-level']!r}: want one of {', '.join(LOG_LEVELS)}"
-            )
+        self._check_one_of("log-format", LOG_FORMATS)
+        self._check_one_of("log-level", LOG_LEVELS)
         parent = getattr(self, "parent", None)
         if isinstance(parent, app.ServerOptions):
             self._log_through_twistd(parent)
-        if self["fsync"] not in FSYNC_POLICIES:
-            raise usage.UsageError(
-                f"--fsync {self['fsync']!r}: want one of {', '.join(FSYNC_POLICIES)}"
-            )
+        self._check_one_of("fsync", FSYNC_POLICIES)
         try:
             parse_store_description(self["store"])
         except ValueError as error:
@@ -336,6 +327,9 @@ class Options(VersionOption, usage.Options):
             self["cert"], self["key"], self["ca"], has_addr="address" in self
         )
 
+    def _check_one_of(self, name: str, choices: Sequence[str]) -> None:
+        if self[name] not in choices:
+            raise usage.UsageError(f"--{name} {self[name]!r}: want one of {', '.join(choices)}")
 
     def _log_through_twistd(self, twistd: app.ServerOptions) -> None:
         # twistd makes its log observer once the options are read, from
