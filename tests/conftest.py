@@ -50,7 +50,7 @@ START_DEADLINE = 10.0
 STARTED = re.compile(r"starting server: 127\.0\.0\.1:(\d+)")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def both_stores(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
@@ -63,6 +63,14 @@ def both_stores(
         monkeypatch.setenv("MQMQ_TEST_STORE", "sqlite")
         # Each server's database in a directory of its own under pytest's.
         monkeypatch.setenv("MQMQ_TEST_STORE_DIR", str(tmp_path_factory.mktemp("stores")))
+    elif request.param == "redis":
+        for marker in ("memory_only", "not_redis"):
+            reason = request.node.get_closest_marker(marker)
+            if reason is not None:
+                pytest.skip(f"not on the Redis store: {reason.args[0]}")
+        server = request.getfixturevalue("redis_server")
+        monkeypatch.setenv("MQMQ_TEST_STORE", "redis")
+        monkeypatch.setenv("MQMQ_TEST_REDIS", f"127.0.0.1:{server.port}")
     else:
         monkeypatch.delenv("MQMQ_TEST_STORE", raising=False)
     return str(request.param)

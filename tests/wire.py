@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -29,6 +29,22 @@ def sqlite_store(path: Union[str, os.PathLike[str]], fsync: str = "always") -> C
 
     def make(clock: task.Clock) -> SqliteStore:
         return SqliteStore(os.fspath(path), fsync, clock, run_writes=defer.maybeDeferred)
+
+    return make
+
+
+def redis_store(address: str) -> Callable[[task.Clock], Store]:
+    """Makes a Redis store on the real redis-server at ``address`` (HOST:PORT),
+    under a prefix of its own, whose every command is answered at once
+    (``redis_sync.SyncRedis``)."""
+    from mqmq.stores.redis import RedisStore
+    from redis_sync import SyncRedis
+
+    host, _, port = address.rpartition(":")
+
+    def make(clock: task.Clock) -> Store:
+        prefix = b"t%s:" % os.urandom(6).hex().encode("ascii")
+        return RedisStore(f"redis://{address}/0", clock, prefix, client=SyncRedis(host, int(port)))
 
     return make
 
@@ -65,6 +81,7 @@ class Server:
         write_before_reading: bool = False,
     ) -> None:
         self.clock = task.Clock()
+        self._takes_later = False
         #: The clock that runs the store's writes: the broker's, but for
         #: MQMQ_TEST_STORE=sqlite.
         self.store_clock = self.clock
@@ -76,6 +93,13 @@ class Server:
             store = sqlite_store(os.path.join(directory, "queues.db"))
             self.store_clock = task.Clock()
             write_before_reading = True
+        elif store is None and os.environ.get("MQMQ_TEST_STORE") == "redis":
+            # Real Redis, answered at once: its batches and takes run before
+            # each read of replies, on a clock of their own.
+            store = redis_store(os.environ["MQMQ_TEST_REDIS"])
+            self.store_clock = task.Clock()
+            write_before_reading = True
+            self._takes_later = True
         self.broker = Broker(self.clock, limits, None if store is None else store(self.store_clock))
         # A durable store holds replies until its write, which the clock runs.
         self._write_before_reading = store is not None and write_before_reading
@@ -108,11 +132,21 @@ class Server:
             transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", self._port))
         protocol.makeConnection(transport)
         return Connection(protocol, transport, self.store_clock if self._write_before_reading else None,
-                          own_writes_clock=self.store_clock is not self.clock)
+                          own_writes_clock=self.store_clock is not self.clock,
+                          server_clock=self.clock if self._takes_later else None)
 
     def queue_contents(self) -> dict[bytes, list[bytes]]:
-        """Every queue and its messages, read (and put back) through the broker."""
+        """Every queue and its messages, read (and put back) through the broker
+        (read from Redis, for the Redis store)."""
         contents: dict[bytes, list[bytes]] = {}
+        if self._takes_later:
+            self.settle()
+            client = cast(Any, self.broker.store).client
+            for name, _ in list(self.broker.queue_sizes()):
+                queue = cast(Any, self.broker._queues[name].messages)
+                ids = client.command(b"LRANGE", queue.keys[0], 0, -1)
+                contents[name] = [client.command(b"HGET", queue.keys[1], i) for i in ids]
+            return contents
         for name, _ in list(self.broker.queue_sizes()):
             messages: list[bytes] = []
             while (message := self.broker.take(name)) is not None:
@@ -128,9 +162,13 @@ class Connection:
 
     def __init__(
         self, protocol: MQServerProtocol, transport: StringTransport, clock: Optional[task.Clock] = None,
-        own_writes_clock: bool = False,
+        own_writes_clock: bool = False, server_clock: Optional[task.Clock] = None,
     ) -> None:
         self.protocol = protocol
+        # With a store whose takes answer later (Redis): the broker's clock
+        # too, whose due calls (the requests behind an answered Get) run
+        # with the store's until nothing is due.
+        self._server_clock = server_clock
         self.transport = transport
         self._read = 0
         # With a durable store: the clock that runs its writes, before replies
@@ -153,8 +191,11 @@ class Connection:
             if self._own_writes_clock:
                 # A write's replies may let held requests go on to changes of
                 # their own: written too, until nothing is due.
-                while has_due_calls(clock):
+                server_clock = self._server_clock
+                while has_due_calls(clock) or server_clock is not None and has_due_calls(server_clock):
                     clock.advance(0)
+                    if server_clock is not None:
+                        server_clock.advance(0)
         data = self.transport.value()[self._read :]
         self._read += len(data)
         return data

@@ -133,12 +133,15 @@ class Waiter:
             self.timer.cancel()
 
     def _time_out(self, timeout: float) -> None:
-        if self.queue.messages and not self.extended:
+        if not self.extended and (self.queue.messages or getattr(self.queue.messages, "fetching", False)):
             # The queue is not empty: its store is fetching messages (from a
             # disk), which go to the waiters as soon as they are in.
             self.extended = True
             self.timer = self.broker.clock.callLater(FETCH_GRACE_SECONDS, self._time_out, timeout)
             return
+        self._expire(timeout)
+
+    def _expire(self, timeout: float) -> None:
         self.broker._withdraw(self)
         self.deferred.errback(
             GetTimeout(f"no message on queue {queue_name_text(self.queue.name)!r} "
@@ -241,6 +244,14 @@ class Broker(service.Service):
         self.reservations_seen = False
         self._max_deliveries = limits.max_deliveries if self.store.acknowledged_delivery else 0
         self._store_open = False
+        #: Whether queues live elsewhere, shared with other servers (Redis):
+        #: then messages reach waiters through the store, never in-process.
+        self._remote = bool(getattr(self.store, "remote", False))
+        if self._remote:
+            remote = cast(Any, self.store)
+            remote.waiting = self._waiting_leases
+            remote.recounted = self._recounted
+            remote.max_deliveries = self._max_deliveries
 
     def privilegedStartService(self) -> None:
         """Open the store and read its queues back (before any listener listens).
@@ -362,6 +373,8 @@ class Broker(service.Service):
             _check_name(queue_name)
             raise TypeError(f"messages are bytes, not {type(message).__name__}")
         existing = self._queues.get(queue_name)
+        if self._remote:
+            return self._put_remote(queue_name, message)
         if existing is None or not existing.waiters or existing.messages or existing.reservers:
             # Before creating the queue: a refused Put leaves nothing behind.
             # (Waiters and messages at once: the store is fetching those, and
@@ -391,6 +404,41 @@ class Broker(service.Service):
         self._offer(queue_name, (message,), front=False)
         return self._stored_id if self._stored_id is not None else handed
 
+    def _put_remote(self, queue_name: bytes, message: bytes) -> Optional[int]:
+        # Into the store, whoever waits: the store's take hands it over, in
+        # the order the queue's servers put their messages.
+        self._check_room(message)
+        queue = self._queue(queue_name)
+        messages = queue.messages
+        self._idle.pop(queue_name, None)
+        self.num_messages += 1
+        self.num_bytes += len(message)
+        return messages.push(message)
+
+    def _waiting_leases(self, queue_name: bytes) -> list[int]:
+        """The leases (ms; -1 for a ``Get``) of a queue's waiters, oldest first."""
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return []
+        return [-1 if waiter.lease is None else int(waiter.lease * 1000) for waiter in queue.waiters]
+
+    def _recounted(self, queue_name: bytes, ready: int, ready_bytes: int, buried: int,
+                   buried_bytes: int) -> None:
+        # A remote store's queue changed by other servers (or counted afresh).
+        self.num_messages += ready
+        self.num_bytes += ready_bytes + buried_bytes
+        self.num_buried += buried
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return
+        queue.buried += buried
+        if queue.buried:
+            self.reservations_seen = True
+        if queue.holds_nothing:
+            self._touch_idle(queue)
+        else:
+            self._idle.pop(queue_name, None)
+
     def put_back(self, queue_name: bytes, *messages: bytes) -> None:
         """Return messages that could not be delivered, oldest first, to the
         front of their queue, in their order.
@@ -418,6 +466,13 @@ class Broker(service.Service):
 
     def _offer(self, queue_name: bytes, messages: tuple[_Item, ...], front: bool) -> None:
         """Hand messages to the oldest waiters still there, and keep the rest."""
+        if self._remote:
+            # Back into the store: its take hands them to the waiters.
+            self._keep(queue_name, messages, front)
+            queue = self._queues.get(queue_name)
+            if queue is not None and queue.waiters:
+                cast(Any, queue.messages).want()
+            return
         offers = self._offers
         if offers is not None:
             # From a waiter's callback, inside the loop below: they go next.
@@ -527,11 +582,19 @@ class Broker(service.Service):
         """
         if type(queue_name) is not bytes:
             _check_name(queue_name)
+        if self._remote:
+            self._check_reachable()
         queue = self._queue(queue_name)
         if queue.waiters:
             # Gets that came first wait for what the store is fetching.
             return None
         return self._pop(queue)
+
+    def _check_reachable(self) -> None:
+        # A store kept elsewhere that cannot be reached has nothing to hand out.
+        failure = self.store.failure
+        if failure is not None:
+            raise errors.RequestError(errors.STORAGE_ERROR, failure)
 
     def _pop(self, queue: QueueState) -> Optional[bytes]:
         if self._max_deliveries:
@@ -565,6 +628,21 @@ class Broker(service.Service):
                 waiter.timer.cancel()
             waiter.deferred.callback(item)
             queue = self._queues.get(queue_name)
+        if self._remote and queue is not None and queue.waiters:
+            self._expire_overdue(queue)
+
+    def _expire_overdue(self, queue: QueueState) -> None:
+        # Waiters whose timeouts passed while the store took for them, and
+        # got nothing: their wait is over.
+        if cast(Any, queue.messages).fetching:
+            return
+        for waiter in [waiter for waiter in queue.waiters if waiter.extended]:
+            timer = waiter.timer
+            if timer is not None and timer.active():
+                (timeout,) = cast(Any, timer).args
+                timer.cancel()
+                waiter.timer = None
+                waiter._expire(timeout)
 
     def _first_present(self, queue: QueueState) -> Optional[Waiter]:
         """The longest waiting waiter whose consumer is still there, left
@@ -615,6 +693,8 @@ class Broker(service.Service):
         queue.waiters[waiter] = None
         if lease is not None:
             queue.reservers += 1
+        if self._remote:
+            cast(Any, queue.messages).want()
         waiter.timer = self.clock.callLater(timeout, waiter._time_out, timeout)
         return waiter.deferred
 
@@ -724,6 +804,8 @@ class Broker(service.Service):
             queue = self._queue(queue_name)
         elif not self.store.acknowledged_delivery:
             self.check_acknowledged_delivery()
+        if self._remote:
+            self._check_reachable()
         if queue.waiters:
             return None  # those that came first go first
         return self._reserve(queue, lease, owner)
@@ -776,6 +858,8 @@ class Broker(service.Service):
         owned[key] = reservation
         self._leases.start(reservation, lease)
         self.reservations_seen = True
+        if self._remote:
+            cast(Any, self._queues[queue_name].messages).lease(entry, lease)
 
     def _reservation(self, queue_name: bytes, message_id: int, owner: object) -> Reservation:
         reservation = self._reservations.get((queue_name, message_id))
@@ -844,6 +928,9 @@ class Broker(service.Service):
         after ``delay`` seconds (nobody's meanwhile, still counted reserved)."""
         reservation = self._end(queue_name, message_id, owner)
         if delay > 0:
+            if self._remote:
+                # Redis keeps when it comes back, should this server be gone then.
+                cast(Any, self._queue(queue_name, limited=False).messages).lease(reservation.entry, delay)
             reservation.owner = None
             self._delayed.add(reservation)
             reservation.timer = self.clock.callLater(delay, self._come_back, reservation)
@@ -854,6 +941,8 @@ class Broker(service.Service):
         """Restart a reservation's lease: ``lease`` seconds from now."""
         reservation = self._reservation(queue_name, message_id, owner)
         self._leases.start(reservation, lease)
+        if self._remote:
+            cast(Any, self._queue(queue_name, limited=False).messages).lease(reservation.entry, lease)
 
     def bury(self, queue_name: bytes, message_id: int, owner: object) -> None:
         """Set a reserved message aside until kicked."""

@@ -84,6 +84,14 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _positive_seconds(text: str) -> float:
+    seconds = _seconds(text)
+    if not seconds:
+        raise usage.UsageError(f"{text!r}: want more than 0 seconds")
+    return seconds
+
+
+_positive_seconds.coerceDoc = ""  # type: ignore[attr-defined]
 size_option.coerceDoc = "A size in bytes; KiB, MiB, GiB (and kB, MB, GB) may follow."  # type: ignore[attr-defined]
 message_size_option.coerceDoc = size_option.coerceDoc  # type: ignore[attr-defined]
 _count.coerceDoc = ""  # type: ignore[attr-defined]
@@ -237,7 +245,14 @@ class Options(VersionOption, usage.Options):
         ["store", None, "memory:",
          f"Where messages are kept: {STORE_FORMS}. memory: holds them in this "
          "process only; sqlite:PATH keeps them in an SQLite database, across "
-         "restarts and crashes."],
+         "restarts and crashes; redis:// and redis+cluster:// keep them in Redis, "
+         "shared by every mqmq server pointed at it."],
+        ["redis-prefix", None, "mqmq:",
+         "With a Redis store: the prefix of every key; servers with the same Redis "
+         "and prefix share their queues."],
+        ["redis-timeout", None, 2.0,
+         "With a Redis store: seconds to wait for Redis before a request is refused "
+         "with SERVER_STORAGE_ERROR.", _positive_seconds],
         ["log-format", None, "text",
          "How log lines are written: text, or json (one JSON object per line, "
          "for log shippers)."],
@@ -367,7 +382,8 @@ def make_server(options: Options, reactor: Any) -> MQService:
     """The server the options describe: a broker listening on every endpoint."""
     limits: Limits = options["limits"]
     _allow_open_files(limits.max_connections)
-    store = store_from_description(options["store"], options["fsync"], reactor)
+    store = store_from_description(options["store"], options["fsync"], reactor,
+                                   options["redis-prefix"], options["redis-timeout"])
     server = MQService(reactor, server_endpoints(options, reactor), limits, store)
     if options["http"] is not None:
         from mqmq.web.site import site
