@@ -193,6 +193,7 @@ def test_resume_answers_buffered_requests_in_order_and_resumes_reading() -> None
 # -- requests behind a waiting Get ----------------------------------------------------
 
 
+@pytest.mark.not_redis("counts the broker's turns: a Redis store answers a Get a turn later, after its take")
 def test_requests_behind_a_waiting_get_beyond_max_pending_bytes_pause_reading() -> None:
     server = Server(Limits(max_pending_bytes=100))
     conn = server.connect()
@@ -215,6 +216,7 @@ def test_requests_behind_a_waiting_get_beyond_max_pending_bytes_pause_reading() 
     assert server.broker.num_messages == 3
 
 
+@pytest.mark.not_redis("counts the broker's turns: a Redis store answers a Get a turn later, after its take")
 def test_a_get_timing_out_resumes_reading_too() -> None:
     server = Server(Limits(max_pending_bytes=10))
     conn = server.connect()
@@ -228,6 +230,7 @@ def test_a_get_timing_out_resumes_reading_too() -> None:
     assert [frame[0] for frame in replies[1:]] == [b"OK", b"OK"]
 
 
+@pytest.mark.not_redis("counts the broker's turns: a Redis store answers a Get a turn later, after its take")
 def test_a_second_waiting_get_with_a_backlog_pauses_again() -> None:
     server = Server(Limits(max_pending_bytes=30))
     conn = server.connect()
@@ -261,6 +264,7 @@ def paused_waiter(server: Server, queue: bytes = b"q") -> Connection:
     return conn
 
 
+@pytest.mark.not_redis("counts the broker's turns: a Redis store answers a Get a turn later, after its take")
 def test_a_paused_waiter_whose_peer_is_there_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     server = Server(Limits(max_pending_bytes=20))
     conn = paused_waiter(server)
@@ -373,6 +377,7 @@ def test_a_reading_waiter_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(server.clock.getDelayedCalls()) == 1
 
 
+@pytest.mark.not_redis("counts the broker's turns: a Redis store answers a Get a turn later, after its take")
 def test_liveness_checks_stop_when_reading_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
     server = Server(Limits(max_pending_bytes=20))
     conn = paused_waiter(server)
@@ -552,6 +557,7 @@ async def test_a_client_that_stops_reading_gets_the_server_to_stop_too(
     await until(lambda: not service.factory.connections, "the connection closed")
 
 
+@pytest.mark.not_redis("counts the broker's turns: a Redis store answers a Get a turn later, after its take")
 def test_a_paused_get_timing_out_for_a_departed_peer_answers_nothing_behind_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

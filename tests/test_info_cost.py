@@ -96,6 +96,7 @@ def test_a_hopelessly_large_info_is_refused_without_building_it(
     assert built == []
 
 
+@pytest.mark.not_redis("counts the broker's turns, which the Redis store's test harness runs together")
 def test_a_large_info_is_built_a_slice_per_reactor_turn_and_holds_up_what_follows() -> None:
     server = Server()
     slices = 3
@@ -115,6 +116,7 @@ def test_a_large_info_is_built_a_slice_per_reactor_turn_and_holds_up_what_follow
     assert conn.replies() == [[b"OK", b"m"]]
 
 
+@pytest.mark.not_redis("counts the broker's turns, which the Redis store's test harness runs together")
 def test_a_slice_is_bounded_by_bytes_too(monkeypatch: pytest.MonkeyPatch) -> None:
     server = Server()
     for index in range(200):
@@ -140,6 +142,7 @@ def test_a_slice_is_bounded_by_bytes_too(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(entries) == 200
 
 
+@pytest.mark.not_redis("counts the broker's turns, which the Redis store's test harness runs together")
 def test_an_info_sees_the_writes_made_before_it_on_its_connection() -> None:
     # One Info is built at a time: another connection's, waiting its turn,
     # starts after the one in progress and sees what was put before it.

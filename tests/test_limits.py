@@ -291,6 +291,7 @@ def test_put_beyond_max_queued_bytes_is_refused() -> None:
     assert server.broker.num_bytes == 10
 
 
+@pytest.mark.not_redis("every Put is stored in Redis before a take hands it over, so the storage limits apply to it")
 def test_put_handed_straight_to_a_waiter_is_not_refused_when_storage_is_full() -> None:
     server = Server(Limits(max_queued_messages=1, max_queued_bytes=5))
     producer = server.connect()
@@ -342,6 +343,7 @@ def test_put_or_get_naming_a_queue_beyond_max_queues_is_refused_when_none_is_idl
     assert b'"Queues":{"a":{"NumMessages":0},"e":{"NumMessages":1}}' in replies[3][1]
 
 
+@pytest.mark.not_redis("counts the broker's turns: a Redis store answers a Get a turn later, after its take")
 def test_mistyped_queue_names_do_not_use_up_max_queues() -> None:
     # A Get on a mistyped name creates a queue; once it is empty and nobody
     # waits on it, it makes room for a new queue instead of taking a slot for good.
@@ -359,6 +361,7 @@ def test_mistyped_queue_names_do_not_use_up_max_queues() -> None:
     )
 
 
+@pytest.mark.not_redis("takes messages with broker.take, which a Redis store answers later")
 def test_idle_queues_are_forgotten_least_recently_used_first() -> None:
     server = Server(Limits(max_queues=3))
     broker = server.broker
@@ -384,6 +387,7 @@ def test_idle_queues_are_forgotten_least_recently_used_first() -> None:
     assert waiting.result == b"for the waiter"  # type: ignore[attr-defined]
 
 
+@pytest.mark.not_redis("takes messages with broker.take, which a Redis store answers later")
 def test_a_message_put_back_comes_back_even_if_its_queue_was_forgotten() -> None:
     server = Server(Limits(max_queues=1))
     broker = server.broker

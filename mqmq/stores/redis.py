@@ -116,7 +116,7 @@ class RedisQueue:
     out) the messages it brought."""
 
     __slots__ = ("name", "_store", "keys", "channel", "_base", "_unconfirmed", "_at_hand",
-                 "_taking", "_subscribed", "_idle_since", "_indexed_at", "_gate", "_leases", "_later")
+                 "_taking", "_subscribed", "_idle_since", "_indexed_at", "_gate", "_leases", "_later", "_number")
 
     def __init__(self, store: RedisStore, name: bytes) -> None:
         self.name = name
@@ -143,6 +143,9 @@ class RedisQueue:
         # back what a take whose answer was lost took): they go with the
         # queue's next script, or within a tick.
         self._later: list[tuple[Any, ...]] = []
+        # The queue's number (its ids begin with it), once this server has
+        # one for it: given by Redis (the first server's wins).
+        self._number: Optional[int] = None
 
     def _count(self, index: int) -> int:
         total = self._base[index]
@@ -353,6 +356,7 @@ class RedisStore:
         self._started = False
         index = prefix + b"{idx}:"
         self._index_keys = [index + b"leases", index + b"ver", index + b"empty"]
+        self._numbers_key = index + b"numbers"
 
     def describe(self) -> str:
         return self.client.describe()
@@ -523,30 +527,39 @@ class RedisStore:
         queue._unconfirmed.append(script)
         self._in_flight += 1
         if queue._gate is not None:
-            # Behind a script waiting for the lease index: in order.
+            # Behind a script that waits: in order.
             queue._gate.addCallback(lambda _: self._send_now(script))
             return
         now = self._reactor.seconds()
-        if _holds(script) and (queue._indexed_at is None or now - queue._indexed_at >= INDEX_EVERY_SECONDS):
+        numbered = queue._number is not None
+        indexed = not _holds(script) or (
+            queue._indexed_at is not None and now - queue._indexed_at < INDEX_EVERY_SECONDS)
+        if numbered and indexed:
+            self._send_now(script)
+            return
+        gate = queue._gate = Deferred()
+        preparing: Deferred[Any] = succeed(None)
+        if not numbered:
+            # A number for the queue's ids, should it have none yet.
+            preparing.addCallback(lambda _: self.client.call(self._numbers_key, b"INCR", self._numbers_key))
+            preparing.addCallback(lambda number: setattr(queue, "_number", int(number)))
+        if not indexed:
             # Recorded in the lease index before it holds a reservation:
             # should this server die, the others find it there.
             queue._indexed_at = now
-            gate = queue._gate = Deferred()
-            indexing = self.client.eval(_INDEX_TOUCH, self._index_keys[:2],
-                                        [queue.name, self._longest_lease(script) + GRACE_MS])
+            preparing.addCallback(lambda _: self.client.eval(
+                _INDEX_TOUCH, self._index_keys[:2], [queue.name, self._longest_lease(script) + GRACE_MS]))
 
-            def not_indexed(reason: Failure) -> None:
-                queue._indexed_at = None
-                self._failed_running(reason, script)
+        def not_ready(reason: Failure) -> None:
+            queue._indexed_at = None
+            self._failed_running(reason, script)
 
-            def open_gate(_: object) -> None:
-                queue._gate = None
-                gate.callback(None)
+        def open_gate(_: object) -> None:
+            queue._gate = None
+            gate.callback(None)
 
-            indexing.addCallbacks(lambda _: self._send_now(script), not_indexed)
-            indexing.addBoth(open_gate)
-            return
-        self._send_now(script)
+        preparing.addCallbacks(lambda _: self._send_now(script), not_ready)
+        preparing.addBoth(open_gate)
 
     def _longest_lease(self, script: _Script) -> int:
         longest = 0
@@ -558,7 +571,9 @@ class RedisStore:
         return longest
 
     def _send_now(self, script: _Script) -> None:
-        args: list[Any] = [self.server_id, script.queue.channel, self.max_deliveries, GRACE_MS]
+        number = script.queue._number
+        args: list[Any] = [self.server_id, script.queue.channel, self.max_deliveries, GRACE_MS,
+                           b"" if number is None else number]
         for op in script.ops:
             args.extend(op)
         started = self._reactor.seconds()

@@ -26,8 +26,9 @@ from __future__ import annotations
 #: The one script every batch runs on a queue: its operations in order.
 #:
 #: KEYS: ready body dlv resv own buried meta sleep taken
-#: ARGV: server, wake channel, max deliveries (0 = none), grace ms, then
-#: operations, each an opcode and its arguments:
+#: ARGV: server, wake channel, max deliveries (0 = none), grace ms, the
+#: queue's number if it may have none yet (else ""), then operations, each
+#: an opcode and its arguments:
 #:
 #: - ``P body``           put at the back (a new id)
 #: - ``F id dlv body``    put at the front (id "" = a new one), deliveries kept
@@ -44,6 +45,9 @@ from __future__ import annotations
 #: - ``X take``           forget take number ``take`` (its reply arrived)
 #: - ``Y take``           put back what take number ``take`` handed out (its
 #:                        reply was lost)
+#:
+#: Ids: the queue's number (given once, from ``NUMBERS``), then its count in
+#: ten digits.
 #:
 #: Returns ``{ready, bytes, buried, bbytes, ids, taken...}``: the queue's
 #: counts once done, the ids given to ``P`` and ``N`` (in order), then for
@@ -68,8 +72,16 @@ end
 local function size(id)
     return redis.call('HSTRLEN', body, id)
 end
+local number = redis.call('HGET', meta, 'qn')
+if not number and ARGV[5] ~= '' then
+    number = ARGV[5]
+    redis.call('HSET', meta, 'qn', number)
+end
 local function new_id()
-    return tostring(redis.call('HINCRBY', meta, 'seq', 1))
+    -- The queue's number, then its own count in ten digits: unique among
+    -- every queue's messages, and in the order they were made.
+    if not number then error('mqmq: the queue has no number yet') end
+    return number .. string.format('%010d', redis.call('HINCRBY', meta, 'seq', 1))
 end
 local function to_front(id)
     redis.call('LPUSH', ready, id)
@@ -81,7 +93,8 @@ local function hold(id, lease)
     redis.call('HSET', own, id, server)
 end
 
-local i = 5
+-- (Sizes are subtracted as 0 - n: Lua's -0 reaches Redis as "-0", not an integer.)
+local i = 6
 while i <= #ARGV do
     local op = ARGV[i]
     if op == 'P' then
@@ -151,7 +164,7 @@ while i <= #ARGV do
             local id = redis.call('LPOP', buried)
             if not id then break end
             local n = size(id)
-            redis.call('HINCRBY', meta, 'bbytes', -n)
+            redis.call('HINCRBY', meta, 'bbytes', 0 - n)
             redis.call('HDEL', dlv, id)
             redis.call('RPUSH', ready, id)
             redis.call('HINCRBY', meta, 'bytes', n)
@@ -172,7 +185,7 @@ while i <= #ARGV do
                 -- Handed out as many times as allowed: buried, not handed out.
                 redis.call('LPOP', ready)
                 local s = size(id)
-                redis.call('HINCRBY', meta, 'bytes', -s)
+                redis.call('HINCRBY', meta, 'bytes', 0 - s)
                 redis.call('RPUSH', buried, id)
                 redis.call('HINCRBY', meta, 'bbytes', s)
             end
@@ -182,7 +195,7 @@ while i <= #ARGV do
             end
             redis.call('LPOP', ready)
             local message = redis.call('HGET', body, id)
-            redis.call('HINCRBY', meta, 'bytes', -#message)
+            redis.call('HINCRBY', meta, 'bytes', 0 - #message)
             local times = redis.call('HINCRBY', dlv, id, 1)
             if lease < 0 then
                 redis.call('HDEL', body, id)
@@ -253,7 +266,8 @@ local ready, body, dlv, resv, own, meta, sleep = KEYS[1], KEYS[2], KEYS[3], KEYS
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', resv, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-table.sort(due, function(a, b) return tonumber(a) < tonumber(b) end)
+-- Oldest first: ids are digits, so the shorter or, as long, the lower.
+table.sort(due, function(a, b) return #a < #b or #a == #b and a < b end)
 for k = #due, 1, -1 do
     local id = due[k]
     redis.call('ZREM', resv, id)
