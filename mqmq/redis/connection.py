@@ -75,6 +75,9 @@ class RedisProtocol(Protocol):
         self._timer: Optional[IDelayedCall] = None
         #: Called once connected (the node sends the connection's set-up).
         self.on_made: Optional[Callable[[RedisProtocol], object]] = None
+        #: Called when we drop the connection, before the lost-connection
+        #: notice, which comes a reactor turn later.
+        self.on_closing: Optional[Callable[[RedisProtocol], object]] = None
 
     def connectionMade(self) -> None:
         if self.on_made is not None:
@@ -99,6 +102,8 @@ class RedisProtocol(Protocol):
             return
         pending = self.pending
         for reply in replies:
+            if self.why is not None:
+                return  # closed by the reply before: its replies no longer count
             if not pending:
                 self.close(f"Redis at {self.address} sent a reply to no command")
                 return
@@ -124,6 +129,9 @@ class RedisProtocol(Protocol):
         """Fail every pending command with ``why`` and drop the connection."""
         if self.why is None:
             self.why = why
+            if self.on_closing is not None:
+                # Before the commands fail: their callbacks see the node down.
+                self.on_closing(self)
         self._fail_all(self.why)
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -158,6 +166,8 @@ class SubscriberProtocol(RedisProtocol):
             self.close(f"Redis at {self.address} sent what is not RESP2: {problem}")
             return
         for reply in replies:
+            if self.why is not None:
+                return
             if type(reply) is list and len(reply) == 3:
                 kind = reply[0]
                 if kind == b"smessage":
@@ -205,6 +215,8 @@ class _Keeper(ReconnectingClientFactory):
         self.node = node
         self.subscriber = subscriber
         self.clock = node.reactor
+        self.resetDelay()  # the class's delay is the base class's initialDelay
+        #: The connection's protocol, once connected (set up or not).
         self.current: Optional[RedisProtocol] = None
         self.stopped: Optional[Deferred[None]] = None
 
@@ -213,6 +225,8 @@ class _Keeper(ReconnectingClientFactory):
         protocol = kind(self.node.reactor, self.node.timeout, self.node.address)
         protocol.factory = self
         protocol.on_made = self.set_up
+        protocol.on_closing = self._closing
+        self.current = protocol
         return protocol
 
     def connect(self) -> None:
@@ -235,6 +249,10 @@ class _Keeper(ReconnectingClientFactory):
         super().clientConnectionLost(connector, reason)
         self._maybe_stopped()
 
+    def _closing(self, protocol: RedisProtocol) -> None:
+        if protocol is self.current and self.continueTrying and protocol.why is not None:
+            self.node.failed(self, protocol.why)
+
     def set_up(self, protocol: RedisProtocol) -> None:
         """Send the connection's set-up; it is usable once all of it is answered."""
         commands = [Command(payload) for payload in self.node.setup(self.subscriber)]
@@ -244,10 +262,9 @@ class _Keeper(ReconnectingClientFactory):
         results.addCallbacks(lambda _: self._ready(protocol), lambda f: self._refused(protocol, f))
 
     def _ready(self, protocol: RedisProtocol) -> None:
-        if protocol.why is not None or not self.continueTrying:
+        if protocol.why is not None or protocol is not self.current or not self.continueTrying:
             return
         self.resetDelay()
-        self.current = protocol
         self.node.ready(self, protocol)
 
     def _refused(self, protocol: RedisProtocol, reason: Failure) -> None:
