@@ -34,6 +34,9 @@ from twisted.internet import reactor  # noqa: E402  (after the install above)
 
 from mqmq.server.service import MQService  # noqa: E402
 from support import read_exactly  # noqa: E402
+# The session's real Redis servers, for every module (the Redis store's
+# wire tests among them).
+from redis_support import redis_cluster, redis_prefix, redis_server  # noqa: E402,F401
 
 # Machines are shared and noisy: no per-example time limit, which would fail
 # a correct test on a slow moment.  Examples stay small, so runs stay short.

@@ -403,7 +403,8 @@ class RedisStore:
             self.health.failed(failure, self._reactor.seconds())
         elif was is not None:
             self.health.failing = False
-            self.log.info("Redis takes work again: {store}", store=self.describe())
+            if self._started:
+                self.log.info("Redis takes work again: {store}", store=self.describe())
             # Back: what waits goes out, and waiters look again.
             if self._retry_call is not None and self._retry_call.active():
                 self._retry_call.cancel()
