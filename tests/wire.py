@@ -33,9 +33,10 @@ def sqlite_store(path: Union[str, os.PathLike[str]], fsync: str = "always") -> C
     return make
 
 
-def redis_store(address: str) -> Callable[[task.Clock], Store]:
+def redis_store(address: str, prefix: Optional[bytes] = None) -> Callable[[task.Clock], Store]:
     """Makes a Redis store on the real redis-server at ``address`` (HOST:PORT),
-    under a prefix of its own, whose every command is answered at once
+    under ``prefix`` (one of its own if None: servers with one prefix share
+    their queues), whose every command is answered at once
     (``redis_sync.SyncRedis``)."""
     from mqmq.stores.redis import RedisStore
     from redis_sync import SyncRedis
@@ -43,8 +44,8 @@ def redis_store(address: str) -> Callable[[task.Clock], Store]:
     host, _, port = address.rpartition(":")
 
     def make(clock: task.Clock) -> Store:
-        prefix = b"t%s:" % os.urandom(6).hex().encode("ascii")
-        return RedisStore(f"redis://{address}/0", clock, prefix, client=SyncRedis(host, int(port)))
+        keys = prefix if prefix is not None else b"t%s:" % os.urandom(6).hex().encode("ascii")
+        return RedisStore(f"redis://{address}/0", clock, keys, client=SyncRedis(host, int(port)))
 
     return make
 
@@ -79,12 +80,19 @@ class Server:
         limits: Limits = Limits(),
         store: Optional[Callable[[task.Clock], Store]] = None,
         write_before_reading: bool = False,
+        remote: bool = False,
     ) -> None:
         self.clock = task.Clock()
-        self._takes_later = False
+        # A remote store (Redis): on a clock of its own, its takes answered
+        # later, run (with the broker's due calls) before each read.
+        self._takes_later = remote
+        if remote:
+            self.store_clock = task.Clock()
+            write_before_reading = True
         #: The clock that runs the store's writes: the broker's, but for
-        #: MQMQ_TEST_STORE=sqlite.
-        self.store_clock = self.clock
+        #: MQMQ_TEST_STORE=sqlite and remote stores.
+        if not remote:
+            self.store_clock = self.clock
         if store is None and os.environ.get("MQMQ_TEST_STORE") == "sqlite":
             # Every fake-transport test on the SQLite store (in a fresh file),
             # its writes on a clock of their own: run before each read of

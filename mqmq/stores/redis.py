@@ -623,8 +623,10 @@ class RedisStore:
             queue._unconfirmed.remove(script)
         for take, count in script.takes:
             queue._taking -= count
-            # It may have run and its answer been lost: what it took comes back.
+            # It may have run and its answer been lost: what it took comes
+            # back, and the waiters take again.
             queue._later.append(("Y", take))
+            self._dirty.add(queue)
         if self._retry_call is None and self._stopping is None:
             # Nothing more goes to Redis until then (a retry loop would spin).
             if self._flush_call is not None and self._flush_call.active():
