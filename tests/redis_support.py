@@ -193,16 +193,22 @@ class RedisCluster:
 
     def owner(self, slot: int) -> RedisServer:
         """The master serving ``slot``, as the first node says."""
+        return self.owners()[slot]
+
+    def owners(self) -> list[RedisServer]:
+        """The master serving each slot, as the first node says."""
+        by_port = {node.port: node for node in self.nodes}
+        owners: list[Optional[RedisServer]] = [None] * 16384
         for line in self.nodes[0].cli("CLUSTER", "NODES").splitlines():
             fields = line.split()
-            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            node = by_port.get(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
             for part in fields[8:]:
-                if part.startswith("["):
-                    continue
-                low, _, high = part.partition("-")
-                if int(low) <= slot <= int(high or low):
-                    return next(node for node in self.nodes if node.port == port)
-        raise AssertionError(f"no node serves slot {slot}")
+                if not part.startswith("["):  # [slot->-id]: being moved
+                    low, _, high = part.partition("-")
+                    owners[int(low) : int(high or low) + 1] = [node] * (int(high or low) + 1 - int(low))
+        if None in owners:
+            raise AssertionError(f"slot {owners.index(None)} has no master")
+        return owners  # type: ignore[return-value]
 
     def node_id(self, node: RedisServer) -> str:
         return node.cli("CLUSTER", "MYID")

@@ -12,5 +12,18 @@ from mqmq.redis.client import (
     from_url,
     single,
 )
+from mqmq.redis.cluster import ClusterRedis, cluster, key_slot
 
-__all__ = ["Redis", "RedisError", "RedisUnavailable", "Script", "SingleRedis", "check_url", "from_url", "single"]
+__all__ = [
+    "ClusterRedis",
+    "Redis",
+    "RedisError",
+    "RedisUnavailable",
+    "Script",
+    "SingleRedis",
+    "check_url",
+    "cluster",
+    "from_url",
+    "key_slot",
+    "single",
+]

@@ -75,11 +75,17 @@ class RedisProtocol(Protocol):
         self._timer: Optional[IDelayedCall] = None
         #: Called once connected (the node sends the connection's set-up).
         self.on_made: Optional[Callable[[RedisProtocol], object]] = None
-        #: Called when we drop the connection, before the lost-connection
-        #: notice, which comes a reactor turn later.
+        #: Called once the connection is unusable (we drop it, or it is
+        #: lost), before its pending commands fail: their callbacks then see
+        #: the node down.  (The factory hears of it a turn later.)
         self.on_closing: Optional[Callable[[RedisProtocol], object]] = None
 
     def connectionMade(self) -> None:
+        # Commands are small and each waits for its reply: Nagle's algorithm
+        # would hold one behind an unacknowledged other (40 ms, delayed ACK).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         if self.on_made is not None:
             self.on_made(self)
 
@@ -130,7 +136,6 @@ class RedisProtocol(Protocol):
         if self.why is None:
             self.why = why
             if self.on_closing is not None:
-                # Before the commands fail: their callbacks see the node down.
                 self.on_closing(self)
         self._fail_all(self.why)
         if self.transport is not None:
@@ -139,6 +144,8 @@ class RedisProtocol(Protocol):
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
         if self.why is None:
             self.why = f"lost the connection to Redis at {self.address}: {reason.getErrorMessage()}"
+            if self.on_closing is not None:
+                self.on_closing(self)
         self._fail_all(self.why)
 
     def _fail_all(self, why: str) -> None:
@@ -278,14 +285,15 @@ class _Keeper(ReconnectingClientFactory):
         self.stopTrying()
         self.stopped = Deferred()
         stopped = self.stopped
-        if self.connector is not None and self.connector.state == "connected":
-            self.connector.disconnect()
+        connector: Any = self.connector
+        if getattr(connector, "state", None) == "connected":
+            connector.disconnect()
         else:
             self._maybe_stopped()
         return stopped
 
     def _maybe_stopped(self) -> None:
-        if self.stopped is not None and (self.connector is None or self.connector.state == "disconnected"):
+        if self.stopped is not None and getattr(self.connector, "state", "disconnected") == "disconnected":
             stopped, self.stopped = self.stopped, None
             stopped.callback(None)
 
