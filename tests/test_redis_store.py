@@ -256,3 +256,25 @@ def test_what_a_take_whose_answer_was_lost_took_comes_back_to_the_front(redis_se
     tick(server)
     keys = queue_keys(server, b"q")
     assert client_of(server).command(b"HLEN", keys[8]) == 0
+
+
+def test_a_redis_that_evicts_keys_is_refused(tmp_path: Any) -> None:
+    # (A Redis of its own: the shared one's configuration stays as it is.)
+    from redis_support import cli, require_redis
+
+    require_redis()
+    own = RedisServer(tmp_path / "redis", ["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"])
+    own.start()
+    try:
+        server = Server(store=redis_store(own.address), remote=True)
+        connection = server.connect()
+        connection.send([b"Put", b"q", b"m"])
+        assert connection.replies() == [STORAGE_ERROR]
+        assert "maxmemory-policy allkeys-lru" in str(store_of(server).failure)
+        cli(own.port, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        server = Server(store=redis_store(own.address), remote=True)
+        connection = server.connect()
+        connection.send([b"Put", b"q", b"m"])
+        assert connection.replies() == [OK]
+    finally:
+        own.stop()

@@ -37,8 +37,10 @@ class StoredQueue(Protocol):
     """
 
     name: bytes
-    #: Bytes of message payload held.
-    num_bytes: int
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of message payload held."""
 
     def __len__(self) -> int: ...
 
@@ -105,8 +107,9 @@ class ReservingQueue(StoredQueue, Protocol):
     def num_buried(self) -> int:
         """How many of its messages are buried (read back by a durable store)."""
 
-    #: Bytes of payload of its buried messages.
-    buried_bytes: int
+    @property
+    def buried_bytes(self) -> int:
+        """Bytes of payload of its buried messages."""
 
 
 class Store(Protocol):

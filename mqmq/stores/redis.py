@@ -151,9 +151,9 @@ class RedisQueue:
         total = self._base[index]
         for script in self._unconfirmed:
             total += script.delta[index]
-        script = self._store._scripts.get(self)
-        if script is not None:
-            total += script.delta[index]
+        opened = self._store._scripts.get(self)
+        if opened is not None:
+            total += opened.delta[index]
         return total
 
     def counts(self) -> tuple[int, int, int, int]:
@@ -354,6 +354,9 @@ class RedisStore:
         self._in_flight = 0
         self._stopping: Optional[Deferred[None]] = None
         self._started = False
+        # Why this Redis must not keep messages (too old, or evicting), once known.
+        self._refusal: Optional[str] = None
+        self._checked = False
         index = prefix + b"{idx}:"
         self._index_keys = [index + b"leases", index + b"ver", index + b"empty"]
         self._numbers_key = index + b"numbers"
@@ -367,6 +370,41 @@ class RedisStore:
         self.client.on_state = self._state_changed
         self.client.start()
         self._state_changed(self.client.failure)
+
+    def _check_server(self) -> None:
+        """Refuse a Redis too old for the scripts (7.0: shard channels), or
+        one that evicts keys when full: it would drop messages it said OK to."""
+        checking = self.client.call(None, b"INFO", b"server")
+        checking.addCallback(self._check_version)
+        checking.addCallback(lambda _: self.client.call(None, b"CONFIG", b"GET", b"maxmemory-policy"))
+        checking.addCallbacks(self._check_policy, self._not_checked)
+
+    def _check_version(self, info: bytes) -> None:
+        for line in info.decode("ascii", "replace").splitlines():
+            if line.startswith("redis_version:"):
+                version = line.partition(":")[2].strip()
+                major = version.split(".")[0]
+                if major.isdigit() and int(major) < 7:
+                    self._refuse(f"Redis {version} at {self.describe()} is too old: "
+                                 f"the Redis store needs Redis 7.0 or later")
+
+    def _check_policy(self, reply: list[bytes]) -> None:
+        policy = reply[1].decode("ascii", "replace") if len(reply) > 1 else "noeviction"
+        if policy != "noeviction":
+            self._refuse(f"Redis at {self.describe()} evicts keys when full (maxmemory-policy "
+                         f"{policy}), which would lose messages: set maxmemory-policy noeviction")
+
+    def _not_checked(self, reason: Failure) -> None:
+        if self._refusal is None:
+            self.log.warn("could not check Redis's version and maxmemory-policy at {store}: {error}",
+                          store=self.describe(), error=reason.getErrorMessage())
+
+    def _refuse(self, why: str) -> None:
+        if self._refusal is None:
+            self.log.error("refusing to keep messages: {why}", why=why)
+        self._refusal = why
+        self.failure = why
+        self.health.failed(why, self._reactor.seconds())
 
     def recovered(self) -> Iterable[RedisQueue]:
         # Queues live in Redis; the broker learns them as they are used.
@@ -398,7 +436,14 @@ class RedisStore:
 
     def _state_changed(self, failure: Optional[str]) -> None:
         was = self.failure
+        if failure is None and self._refusal is not None:
+            failure = self._refusal
         self.failure = failure
+        if failure is None and not self._checked:
+            self._checked = True
+            self._check_server()
+            if self._refusal is not None:
+                return
         if failure is not None:
             self.health.failed(failure, self._reactor.seconds())
         elif was is not None:
@@ -580,7 +625,7 @@ class RedisStore:
         started = self._reactor.seconds()
         running = self.client.eval(_APPLY, script.queue.keys, args)
         running.addCallbacks(self._applied, self._failed_running,
-                             (script, started), None, (script,))
+                             callbackArgs=(script, started), errbackArgs=(script,))
 
     def _failed_running(self, reason: Failure, script: _Script) -> None:
         self._in_flight -= 1
