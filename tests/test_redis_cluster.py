@@ -9,9 +9,13 @@ from typing import Any, Callable, Optional
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer, reactor, task
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from mqmq.redis import ClusterRedis, RedisError, RedisUnavailable, Script, cluster, from_url, key_slot, single
-from mqmq.redis.cluster import crc16
+from mqmq.redis.cluster import REFRESH_LEAST, crc16
+from mqmq.redis.resp import Parser
 from redis_support import RedisCluster, RedisServer, redis_cluster, redis_prefix  # noqa: F401  (fixtures)
 
 #: CLUSTER KEYSLOT's answers (redis-cli, Redis 7.0.15).
@@ -47,6 +51,252 @@ def test_cluster_url() -> None:
     client = from_url(reactor, "redis+cluster://127.0.0.1:7000,[::1]:7001")
     assert isinstance(client, ClusterRedis)
     assert client.describe() == "redis+cluster://127.0.0.1:7000,[::1]:7001"
+
+
+# Redirections and retries, against nodes played by the test on a fake
+# reactor and clock.
+
+SLOT_MAP = [(0, 5460, 7000), (5461, 10922, 7001), (10923, 16383, 7002)]
+
+
+def bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class FakeCluster:
+    """Three masters (ports 7000-7002) answering what :attr:`answer` says;
+    PING, CLIENT, SCRIPT LOAD, ASKING and CLUSTER SLOTS answered as Redis would."""
+
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.answer: Callable[[int, list[bytes]], Optional[bytes]] = lambda port, command: b"+OK\r\n"
+        self.refusing: set[int] = set()
+        self.received: list[tuple[int, list[bytes]]] = []
+        self.connections: list[tuple[int, Any, StringTransport, Parser, Any, Any]] = []
+        self._attempts: list[tuple[int, Any, Any]] = []
+        self._seen = 0
+
+    def client(self, timeout: float = 1.0) -> ClusterRedis:
+        client = cluster(self.reactor, [("127.0.0.1", 7000)], timeout)
+        client.start()
+        self.pump()
+        assert client.failure is None, client.failure
+        return client
+
+    def commands(self, name: bytes) -> list[tuple[int, list[bytes]]]:
+        return [(port, command) for port, command in self.received if command[0] == name]
+
+    def advance(self, seconds: float) -> None:
+        self.reactor.advance(seconds)
+        self.pump()
+
+    def drop(self, port: int) -> None:
+        """Every connection to ``port`` is lost."""
+        for where, protocol, transport, _, factory, connector in list(self.connections):
+            if where == port and transport.connected:
+                transport.connected = False
+                reason = Failure(ConnectionLost("dropped by the test"))
+                protocol.connectionLost(reason)
+                factory.clientConnectionLost(connector, reason)
+        self.connections = [c for c in self.connections if c[2].connected]
+
+    def pump(self) -> None:
+        """Connect what asks to connect, answer what was written, until quiet."""
+        busy = True
+        while busy:
+            busy = False
+            self.reactor.advance(0)
+            while self._seen < len(self.reactor.tcpClients):
+                _, port, factory, _, _ = self.reactor.tcpClients[self._seen]
+                connector = self.reactor.connectors[self._seen]
+                self._seen += 1
+                connector.connect = lambda p=port, f=factory, c=connector: self._attempts.append((p, f, c))
+                self._attempts.append((port, factory, connector))
+            attempts, self._attempts = self._attempts, []
+            for port, factory, connector in attempts:
+                busy = True
+                if port in self.refusing:
+                    factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError("refused")))
+                    continue
+                protocol = factory.buildProtocol(None)
+                transport = StringTransport()
+                transport.connected = True
+                self.connections.append((port, protocol, transport, Parser(), factory, connector))
+                protocol.makeConnection(transport)
+            for port, protocol, transport, parser, _, _ in list(self.connections):
+                written = transport.value()
+                transport.clear()
+                for command in parser.feed(written):
+                    busy = True
+                    self.received.append((port, command))
+                    reply = self._reply(port, command)
+                    if reply is not None and transport.connected:
+                        protocol.dataReceived(reply)
+
+    def _reply(self, port: int, command: list[bytes]) -> Optional[bytes]:
+        name = command[0].upper()
+        if name == b"PING":
+            return b"+PONG\r\n"
+        if name in (b"CLIENT", b"ASKING"):
+            return b"+OK\r\n"
+        if name == b"CLUSTER" and command[1] == b"SLOTS":
+            return b"*3\r\n" + b"".join(
+                b"*3\r\n:%d\r\n:%d\r\n*3\r\n$9\r\n127.0.0.1\r\n:%d\r\n$2\r\nid\r\n" % entry
+                for entry in SLOT_MAP)
+        return self.answer(port, command)
+
+
+def fake_key(port: int) -> bytes:
+    """A key whose slot the master on ``port`` serves."""
+    low, high, _ = next(entry for entry in SLOT_MAP if entry[2] == port)
+    return next(b"k%d" % n for n in range(100000) if low <= key_slot(b"k%d" % n) <= high)
+
+
+def outcome(deferred: defer.Deferred[Any]) -> Any:
+    """What ``deferred`` fired with (a Failure if it failed), or "not fired"; left in it."""
+    results: list[Any] = []
+
+    def keep(result: Any) -> Any:
+        results.append(result)
+        return result
+
+    deferred.addBoth(keep)
+    if isinstance(results[:1] and results[0], Failure):
+        deferred.addErrback(lambda _: None)  # looked at: not an unhandled error
+    return results[0] if results else "not fired"
+
+
+def test_moved_updates_the_slot_and_sends_the_command_to_its_new_master() -> None:
+    fake = FakeCluster()
+    client = fake.client()
+    key = fake_key(7000)
+    fake.answer = lambda port, command: (
+        b"-MOVED %d 127.0.0.1:7001\r\n" % key_slot(key) if port == 7000 else bulk(b"from 7001"))
+    asked = len(fake.commands(b"CLUSTER"))
+    got = client.call(key, "GET", key)
+    fake.pump()
+    assert outcome(got) == b"from 7001"
+    assert [port for port, _ in fake.commands(b"GET")] == [7000, 7001]
+    assert client._slots[key_slot(key)] is client._nodes["127.0.0.1:7001"]
+    # The whole map is read again, in the background.
+    fake.advance(REFRESH_LEAST)
+    assert len(fake.commands(b"CLUSTER")) == asked + 1
+
+
+def test_ask_sends_asking_then_the_command_on_the_target_and_keeps_the_map() -> None:
+    fake = FakeCluster()
+    client = fake.client()
+    key = fake_key(7000)
+    fake.answer = lambda port, command: (
+        b"-ASK %d 127.0.0.1:7002\r\n" % key_slot(key) if port == 7000 else bulk(b"from 7002"))
+    got = client.call(key, "GET", key)
+    fake.pump()
+    assert outcome(got) == b"from 7002"
+    on_target = [command[0] for port, command in fake.received if port == 7002]
+    assert on_target[-2:] == [b"ASKING", b"GET"]
+    assert client._slots[key_slot(key)] is client._nodes["127.0.0.1:7000"]
+    # The next command goes to the map's master again.
+    client.call(key, "GET", key)
+    fake.pump()
+    assert [port for port, _ in fake.commands(b"GET")] == [7000, 7002, 7000, 7002]
+
+
+def test_redirections_are_followed_five_times_at_most() -> None:
+    fake = FakeCluster()
+    client = fake.client()
+    key = fake_key(7000)
+    slot = key_slot(key)
+    fake.answer = lambda port, command: b"-MOVED %d 127.0.0.1:%d\r\n" % (slot, 7001 if port == 7000 else 7000)
+    got = client.call(key, "GET", key)
+    fake.pump()
+    problem = outcome(got)
+    assert problem.check(RedisUnavailable) and "more than 5 redirections" in problem.getErrorMessage()
+    assert len(fake.commands(b"GET")) == 6
+
+
+def test_clusterdown_is_tried_again_until_it_clears() -> None:
+    fake = FakeCluster()
+    client = fake.client(timeout=1.0)
+    key = fake_key(7001)
+    refusals = [b"-CLUSTERDOWN The cluster is down\r\n"] * 3 + [b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"]
+    fake.answer = lambda port, command: refusals.pop(0) if refusals else bulk(b"value")
+    got = client.call(key, "GET", key)
+    for _ in range(20):
+        fake.advance(0.02)
+    assert outcome(got) == b"value"
+    assert len(fake.commands(b"GET")) == 5
+
+
+def test_clusterdown_fails_the_command_when_its_time_is_up() -> None:
+    fake = FakeCluster()
+    client = fake.client(timeout=1.0)
+    key = fake_key(7001)
+    fake.answer = lambda port, command: b"-CLUSTERDOWN The cluster is down\r\n"
+    got = client.call(key, "GET", key)
+    for _ in range(95):
+        fake.advance(0.01)
+    assert outcome(got) == "not fired"
+    fake.advance(0.05)
+    fake.advance(0.01)
+    problem = outcome(got)
+    assert problem.check(RedisUnavailable) and "CLUSTERDOWN The cluster is down" in problem.getErrorMessage()
+    assert 5 < len(fake.commands(b"GET")) < 15  # with backoff, not in a loop
+
+
+def test_a_command_lost_with_its_connection_is_not_sent_again() -> None:
+    fake = FakeCluster()
+    client = fake.client()
+    key = fake_key(7002)
+    fake.answer = lambda port, command: None  # no reply
+    got = client.call(key, b"INCR", key)
+    fake.pump()
+    fake.drop(7002)
+    problem = outcome(got)
+    assert problem.check(RedisUnavailable) and "lost the connection to Redis at 127.0.0.1:7002" in problem.getErrorMessage()
+    assert client.failure is not None and "127.0.0.1:7002" in client.failure
+    fake.answer = lambda port, command: b":1\r\n"
+    fake.advance(1.0)
+    assert client.failure is None
+    assert len(fake.commands(b"INCR")) == 1
+
+
+def test_a_command_for_a_master_not_connected_waits_for_it_within_the_timeout() -> None:
+    fake = FakeCluster()
+    client = fake.client(timeout=1.0)
+    key = fake_key(7002)
+    fake.refusing.add(7002)
+    fake.drop(7002)
+    got = client.call(key, "GET", key)
+    fake.advance(0.3)
+    assert outcome(got) == "not fired" and fake.commands(b"GET") == []
+    assert client.failure == "connection refused to Redis at 127.0.0.1:7002"
+    fake.refusing.clear()
+    fake.answer = lambda port, command: bulk(b"late")
+    for _ in range(60):
+        fake.advance(0.01)
+    assert outcome(got) == b"late"
+    assert fake.commands(b"GET") == [(7002, [b"GET", key])]
+
+
+def test_a_command_for_a_master_that_stays_down_fails_after_the_timeout() -> None:
+    fake = FakeCluster()
+    client = fake.client(timeout=0.5)
+    key = fake_key(7002)
+    fake.refusing.add(7002)
+    fake.drop(7002)
+    got = client.call(key, "GET", key)
+    for _ in range(49):
+        fake.advance(0.01)
+    assert outcome(got) == "not fired"
+    fake.advance(0.02)
+    problem = outcome(got)
+    assert problem.check(RedisUnavailable)
+    assert "connection refused to Redis at 127.0.0.1:7002 (for 0.5 s)" == problem.getErrorMessage()
+    # The others still answer at once.
+    other = client.call(fake_key(7000), "GET", b"x")
+    fake.answer = lambda port, command: bulk(b"fine")
+    fake.pump()
+    assert outcome(other) == b"fine"
 
 
 # Against a real cluster.

@@ -334,10 +334,14 @@ class ClusterRedis:
         if self._refreshing:
             self._refresh_wanted = True
             return
-        if self._refresh_timer is not None or not self._running:
+        if not self._running:
             return
-        delay = max(0.0, self._last_refresh + REFRESH_LEAST - self._reactor.seconds())
-        self._refresh_timer = self._reactor.callLater(delay, self._refresh)
+        now = self._reactor.seconds()
+        delay = max(0.0, self._last_refresh + REFRESH_LEAST - now)
+        if self._refresh_timer is None:
+            self._refresh_timer = self._reactor.callLater(delay, self._refresh)
+        elif self._refresh_timer.getTime() > now + delay:
+            self._refresh_timer.reset(delay)  # a slower, routine reading was due
 
     def _refresh(self) -> None:
         self._refresh_timer = None
