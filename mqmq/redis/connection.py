@@ -96,9 +96,33 @@ class RedisProtocol(Protocol):
             return
         command.deadline = self.clock.seconds() + self.timeout
         self.pending.append(command)
-        self.transport.write(command.payload)  # type: ignore[union-attr]
+        self._write(command.payload)
         if self._timer is None:
             self._timer = self.clock.callLater(self.timeout, self._check_deadline)
+
+    def _write(self, payload: bytes) -> None:
+        """Straight to the socket when Twisted holds nothing unsent: its own
+        ``write`` waits a turn of the reactor for writability, a round trip
+        through epoll before each command (``mqmq.server.writer`` does the
+        same for replies).  Any remainder, and every other case, go through
+        Twisted, which reports errors and closes as usual."""
+        transport: Any = self.transport
+        sock = getattr(transport, "socket", None)
+        if (
+            sock is None
+            or transport.dataBuffer
+            or transport._tempDataBuffer
+            or not transport.connected
+            or transport.disconnecting
+        ):
+            transport.write(payload)
+            return
+        try:
+            sent = sock.send(payload)
+        except OSError:
+            sent = 0  # full (EAGAIN) or broken: Twisted sends it, or reports the error
+        if sent < len(payload):
+            transport.write(payload[sent:])
 
     def dataReceived(self, data: bytes) -> None:
         try:
