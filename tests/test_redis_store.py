@@ -278,3 +278,22 @@ def test_a_redis_that_evicts_keys_is_refused(tmp_path: Any) -> None:
         assert connection.replies() == [OK]
     finally:
         own.stop()
+
+
+def test_stopping_writes_what_is_pending_and_answers_nothing_redis_did_not_take(
+    redis_server: RedisServer,
+) -> None:
+    [server] = servers(redis_server, 1)
+    connection = server.connect()
+    connection.send([b"Put", b"q", b"last"])
+    assert store_of(server).stop().called
+    assert connection.replies() == [OK]
+    [server] = servers(redis_server, 1)
+    connection = server.connect()
+    connection.send([b"Put", b"q", b"job"], [b"Reserve", b"q"])
+    [_, [_, _, message_id, _]] = connection.replies()
+    connection.send([b"Ack", b"q", message_id], [b"Put", b"q", b"refused"])
+    client_of(server).set_down(True)
+    assert store_of(server).stop().called
+    # The Ack is tried again, and again refused: never answered OK.
+    assert connection.replies() == []

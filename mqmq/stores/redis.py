@@ -353,6 +353,8 @@ class RedisStore:
         self._outstanding: dict[Batch, list[Any]] = {}
         self._in_flight = 0
         self._stopping: Optional[Deferred[None]] = None
+        # A script failed while stopping: what is left is refused, not retried.
+        self._stop_failed = False
         self._started = False
         # Why this Redis must not keep messages (too old, or evicting), once known.
         self._refusal: Optional[str] = None
@@ -420,14 +422,23 @@ class RedisStore:
             if call is not None and call.active():
                 call.cancel()
         self._tick_call = self._retry_call = None
+        stopping = self._stopping = Deferred()
         self._flush()
-        self._stopping = Deferred()
         self._maybe_stopped()
-        return self._stopping
+        return stopping
 
     def _maybe_stopped(self) -> None:
-        if self._stopping is None or self._in_flight or self._scripts:
+        if self._stopping is None or self._in_flight:
             return
+        if self._scripts:
+            if self.failure is None and self._retry_call is None and not self._stop_failed:
+                self._schedule_flush()  # (what came back with the last answers)
+                return
+            # Redis is not taking them, and the server is going: what waits
+            # for them is never answered (an OK would be a lie, and an Ack
+            # not written is as if never sent: its reservation comes back).
+            self._scripts = {}
+            self.pending = None
         stopping, self._stopping = self._stopping, None
         for queue in self._queues.values():
             if queue._subscribed:
@@ -672,7 +683,9 @@ class RedisStore:
             # back, and the waiters take again.
             queue._later.append(("Y", take))
             self._dirty.add(queue)
-        if self._retry_call is None and self._stopping is None:
+        if self._stopping is not None:
+            self._stop_failed = True
+        elif self._retry_call is None:
             # Nothing more goes to Redis until then (a retry loop would spin).
             if self._flush_call is not None and self._flush_call.active():
                 self._flush_call.cancel()
