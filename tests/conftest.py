@@ -57,8 +57,9 @@ STARTED = re.compile(r"starting server: 127\.0\.0\.1:(\d+)")
 def both_stores(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
-    """Runs a module's fake-transport servers (``wire.Server``) on each store:
-    ``pytestmark = pytest.mark.usefixtures("both_stores")``."""
+    """Runs a module's fake-transport servers (``wire.Server``) on each store,
+    memory, SQLite and Redis (a real redis-server, each command answered at
+    once): ``pytestmark = pytest.mark.usefixtures("both_stores")``."""
     if request.param == "sqlite":
         memory_only = request.node.get_closest_marker("memory_only")
         if memory_only is not None:
