@@ -194,8 +194,9 @@ class RedisQueue:
         delta = script.delta
         delta[0] += 1
         delta[1] += len(message)
-        if self._subscribed or self._taking:
-            store._want(self)
+        if self._subscribed:
+            # Waiters here, or lately: a take goes right behind the Put.
+            store._dirty.add(self)
         return put_id
 
     def push_front(self, message: bytes) -> None:
