@@ -417,6 +417,26 @@ async def test_a_restart_is_reported_and_subscriptions_confirmed_again(
 
 
 @pytest_twisted.ensureDeferred
+async def test_losing_the_command_connection_renews_the_subscriptions(
+    redis_server: RedisServer, redis_prefix: bytes
+) -> None:
+    name = b"renew-" + redis_prefix.replace(b":", b"-")
+    client = await started(redis_server, name=name)
+    channel = redis_prefix + b"ch"
+    confirmed: list[bytes] = []
+    try:
+        client.subscribe(channel, lambda c, p: None, confirmed.append)
+        await until(lambda: confirmed == [channel], what="subscribed")
+        command_id = await client.call(None, "CLIENT", "ID")
+        await client.call(None, "CLIENT", "KILL", "ID", str(command_id), "SKIPME", "no")
+        # The subscriber connection is made anew too, and says so.
+        await until(lambda: len(confirmed) == 2, what="subscribed again")
+        assert client.failure is None
+    finally:
+        await client.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_hung_server_fails_commands_within_the_timeout(redis_server: RedisServer, redis_prefix: bytes) -> None:
     client = await started(redis_server, timeout=0.3)
     assert redis_server.process is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -11,9 +11,6 @@ from twisted.internet.interfaces import IDelayedCall
 
 from mqmq.redis.connection import Command, Node, RedisUnavailable, Subscription, address_of, log
 from mqmq.redis.resp import Arg, RedisError, bulk_strings, encode
-
-if TYPE_CHECKING:
-    from mqmq.redis.cluster import ClusterRedis
 
 __all__ = ["Redis", "RedisError", "RedisUnavailable", "Script", "SingleRedis", "check_url", "from_url", "single"]
 
@@ -182,7 +179,7 @@ def single(reactor: Any, host: str, port: int, db: int = 0, timeout: float = 2.0
     return SingleRedis(reactor, host, port, db, timeout, name)
 
 
-def from_url(reactor: Any, url: str, timeout: float = 2.0, name: bytes = b"") -> SingleRedis | ClusterRedis:
+def from_url(reactor: Any, url: str, timeout: float = 2.0, name: bytes = b"") -> Redis:
     """The client a URL names: ``redis://HOST[:PORT][/DB]`` (one server) or
     ``redis+cluster://HOST[:PORT][,HOST[:PORT]...]`` (a cluster, found from
     those nodes); IPv6 addresses in brackets, ``[::1]:6379``.

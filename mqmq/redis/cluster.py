@@ -349,7 +349,8 @@ class ClusterRedis:
         self._refresh_wanted = False
         self._last_refresh = self._reactor.seconds()
         reading = self._read_map()
-        reading.addCallbacks(self._apply, self._map_unread)
+        reading.addCallback(self._apply)
+        reading.addErrback(self._map_unread)
         reading.addBoth(self._refreshed)
 
     def _read_map(self) -> Deferred[tuple[str, Any]]:
@@ -421,7 +422,10 @@ class ClusterRedis:
         self._update_failure()
 
     def _map_unread(self, reason: Failure) -> None:
-        self._map_failure = reason.getErrorMessage()
+        why = f"cannot read the Redis Cluster's slot map: {reason.getErrorMessage()}"
+        if why != self._map_failure and not self._known:
+            log.warn("{why}", why=why)
+        self._map_failure = why
         self._update_failure()
 
     def _refreshed(self, _: object) -> None:

@@ -425,6 +425,10 @@ class Node:
     def failed(self, keeper: _Keeper, why: str) -> None:
         if keeper is self._commands:
             self.protocol = None
+            if self._subscribed is not None:
+                # An idle subscriber connection would not notice a node gone
+                # without a word (a network cut): make it anew with the other.
+                self._subscribed.close(why)
             self._changed(why)
         elif keeper is self._subscriber:
             self._subscribed = None

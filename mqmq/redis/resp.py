@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 #: What a command's arguments may be: bytes as they are, text as UTF-8,
 #: integers in decimal, floats as ``repr`` writes them.
@@ -19,33 +19,45 @@ class ProtocolError(Exception):
 
 def encode(args: Sequence[Arg]) -> bytes:
     """One command, as Redis reads it: an array of bulk strings."""
-    return b"*%d\r\n" % len(args) + bulk_strings(args)
+    parts = [b"*%d" % len(args)]
+    _add_bulk_strings(parts, args)
+    return b"\r\n".join(parts)
 
 
 def bulk_strings(args: Sequence[Arg]) -> bytes:
     """``args`` as consecutive bulk strings: the body of a command's array."""
     parts: list[bytes] = []
+    _add_bulk_strings(parts, args)
+    return b"\r\n".join(parts)
+
+
+# Bulk-string headers of short arguments, made once: this is the hot path.
+_HEADERS = [b"$%d" % size for size in range(256)]
+
+
+def _add_bulk_strings(parts: list[bytes], args: Sequence[Arg]) -> None:
+    # Pieces joined with CRLF; the empty piece at the end gives the last CRLF.
     append = parts.append
+    headers = _HEADERS
     for arg in args:
-        kind = type(arg)
-        if kind is bytes:
+        if type(arg) is bytes:
             value: bytes = arg  # type: ignore[assignment]
-        elif kind is str:
+        elif type(arg) is str:
             value = arg.encode()  # type: ignore[union-attr]
-        elif kind is int:
+        elif type(arg) is int:
             value = b"%d" % arg  # type: ignore[str-format]
-        elif kind is float:
+        elif type(arg) is float:
             value = repr(arg).encode()
         elif isinstance(arg, (bytearray, memoryview)):
             value = bytes(arg)
         elif isinstance(arg, int):  # bool, IntEnum
             value = b"%d" % arg
         else:
-            raise TypeError(f"a Redis argument must be bytes, str, int or float, not {kind.__name__}")
-        append(b"$%d\r\n" % len(value))
+            raise TypeError(f"a Redis argument must be bytes, str, int or float, not {type(arg).__name__}")
+        size = len(value)
+        append(headers[size] if size < 256 else b"$%d" % size)
         append(value)
-        append(b"\r\n")
-    return b"".join(parts)
+    append(b"")
 
 
 class Parser:
@@ -67,8 +79,11 @@ class Parser:
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = 0
-        # Arrays being filled, innermost last: [items, how many still to come].
-        self._stack: list[list[Any]] = []
+        # The innermost array being filled, how many items it still needs,
+        # and the arrays around it (outermost first).
+        self._items: Optional[list[Any]] = None
+        self._remaining = 0
+        self._stack: list[tuple[list[Any], int]] = []
 
     def feed(self, data: bytes) -> list[Any]:
         """The replies ``data`` completes (none, one or many).
@@ -83,6 +98,8 @@ class Parser:
             data = b"".join(self._chunks)
             self._chunks = []
         replies: list[Any] = []
+        items = self._items
+        remaining = self._remaining
         stack = self._stack
         find = data.find
         end = len(data)
@@ -118,7 +135,10 @@ class Parser:
                     size = int(data[pos + 1 : eol])
                     pos = eol + 2
                     if size > 0:
-                        stack.append([[], size])
+                        if items is not None:
+                            stack.append((items, remaining))
+                        items = []
+                        remaining = size
                         continue
                     value = [] if size == 0 else None
                 elif kind == 43:  # + simple string
@@ -129,18 +149,25 @@ class Parser:
                     pos = eol + 2
                 else:
                     raise ProtocolError(f"a reply cannot start with {data[pos:pos + 1]!r}")
-                while stack:
-                    top = stack[-1]
-                    top[0].append(value)
-                    top[1] -= 1
-                    if top[1]:
-                        break
-                    stack.pop()
-                    value = top[0]
-                else:
+                if items is None:
                     replies.append(value)
+                    continue
+                items.append(value)
+                remaining -= 1
+                while not remaining:  # the array is complete: a value of the one around it
+                    value = items
+                    if stack:
+                        items, remaining = stack.pop()
+                        items.append(value)
+                        remaining -= 1
+                    else:
+                        items = None
+                        replies.append(value)
+                        break
         except ValueError:
             raise ProtocolError(f"not a number: {data[pos + 1:eol][:40]!r}") from None
+        self._items = items
+        self._remaining = remaining
         if pos < end:
             self._chunks = [data[pos:]]
             self._have = end - pos
