@@ -1,7 +1,10 @@
 """Real Redis servers for the tests: one server and a three-master cluster,
 each a ``redis-server`` subprocess on free loopback ports, in a directory of
 its own; session fixtures, and unique key prefixes so tests sharing them
-keep apart (nothing is ever flushed)."""
+keep apart (nothing is ever flushed).
+
+conftest.py imports the fixtures, so every module has them; a test module
+must not import them again: pytest would then start a second server."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from mqmq.redis import RedisError, RedisUnavailable, Script, SingleRedis, check_url, from_url, single
 from mqmq.redis.client import parse_url, script_command
 from mqmq.redis.connection import Command, RedisProtocol, SubscriberProtocol
-from redis_support import RedisServer, redis_prefix, redis_server  # noqa: F401  (fixtures)
+from redis_support import RedisServer  # its fixtures: redis_server, redis_prefix (conftest.py)
 from support import failure, success
 
 ADDRESS = "127.0.0.1:6379"
@@ -396,15 +396,17 @@ async def test_a_restart_is_reported_and_subscriptions_confirmed_again(
         client.subscribe(channel, lambda c, p: got.append(p), confirmed.append)
         await until(lambda: confirmed == [channel], what="subscribed")
         redis_server.kill()
-        await until(lambda: client.failure is not None, what="down")
-        assert client.failure is not None and f"Redis at {redis_server.address}" in client.failure
-        # While down, calls fail at once: nothing waits for the server.
-        down = client.call(None, "PING")
-        assert down.called
-        with pytest.raises(RedisUnavailable, match=redis_server.address):
-            await down
-        await until(lambda: client.failure is not None and "refused" in client.failure, what="refused")
-        redis_server.start(redis_server.port)
+        try:
+            await until(lambda: client.failure is not None, what="down")
+            assert client.failure is not None and f"Redis at {redis_server.address}" in client.failure
+            # While down, calls fail at once: nothing waits for the server.
+            down = client.call(None, "PING")
+            assert down.called
+            with pytest.raises(RedisUnavailable, match=redis_server.address):
+                await down
+            await until(lambda: client.failure is not None and "refused" in client.failure, what="refused")
+        finally:
+            redis_server.start(redis_server.port)  # the session's server, for the tests after this one
         await until(lambda: client.failure is None, what="back")
         assert await client.call(None, "PING") == b"PONG"
         await until(lambda: len(confirmed) == 2, what="subscribed again")

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from mqmq.redis import ClusterRedis, RedisError, RedisUnavailable, Script, cluster, from_url, key_slot, single
 from mqmq.redis.cluster import REFRESH_LEAST, crc16
 from mqmq.redis.resp import Parser
-from redis_support import RedisCluster, RedisServer, redis_cluster, redis_prefix  # noqa: F401  (fixtures)
+from redis_support import RedisCluster, RedisServer  # its fixtures: redis_cluster, redis_prefix (conftest.py)
 
 #: CLUSTER KEYSLOT's answers (redis-cli, Redis 7.0.15).
 KEYSLOT_VECTORS = [
