@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from mqmq.redis import ClusterRedis, RedisError, RedisUnavailable, Script, cluster, from_url, key_slot, single
 from mqmq.redis.cluster import REFRESH_LEAST, crc16
+from mqmq.redis.connection import SubscriberProtocol
 from mqmq.redis.resp import Parser
 from redis_support import RedisCluster, RedisServer  # its fixtures: redis_cluster, redis_prefix (conftest.py)
 
@@ -69,6 +70,7 @@ class FakeCluster:
 
     def __init__(self) -> None:
         self.reactor = MemoryReactorClock()
+        self.slot_map = list(SLOT_MAP)
         self.answer: Callable[[int, list[bytes]], Optional[bytes]] = lambda port, command: b"+OK\r\n"
         self.refusing: set[int] = set()
         self.received: list[tuple[int, list[bytes]]] = []
@@ -140,9 +142,9 @@ class FakeCluster:
         if name in (b"CLIENT", b"ASKING"):
             return b"+OK\r\n"
         if name == b"CLUSTER" and command[1] == b"SLOTS":
-            return b"*3\r\n" + b"".join(
+            return b"*%d\r\n" % len(self.slot_map) + b"".join(
                 b"*3\r\n:%d\r\n:%d\r\n*3\r\n$9\r\n127.0.0.1\r\n:%d\r\n$2\r\nid\r\n" % entry
-                for entry in SLOT_MAP)
+                for entry in self.slot_map)
         return self.answer(port, command)
 
 
@@ -297,6 +299,50 @@ def test_a_command_for_a_master_that_stays_down_fails_after_the_timeout() -> Non
     fake.answer = lambda port, command: bulk(b"fine")
     fake.pump()
     assert outcome(other) == b"fine"
+
+
+def test_a_subscription_follows_its_slot_when_refused_or_dropped() -> None:
+    fake = FakeCluster()
+    client = fake.client()
+    channel = fake_key(7000)
+    slot = key_slot(channel)
+    owner = {7000: True}
+
+    def answer(port: int, command: list[bytes]) -> Optional[bytes]:
+        if command[0] == b"SSUBSCRIBE":
+            if port == 7000 and not owner[7000]:
+                return b"-MOVED %d 127.0.0.1:7001\r\n" % slot
+            return b"*3\r\n$10\r\nssubscribe\r\n" + bulk(command[1]) + b":1\r\n"
+        return b"+OK\r\n"
+
+    fake.answer = answer
+    confirmed: list[tuple[int, bytes]] = []
+    client.subscribe(channel, lambda c, p: None, lambda c: confirmed.append((len(fake.received), c)))
+    fake.pump()
+    assert len(confirmed) == 1 and [port for port, _ in fake.commands(b"SSUBSCRIBE")] == [7000]
+    # The slot moves to 7001: 7000 tells its subscribers (sunsubscribe), and
+    # the map read after says where the slot is now.
+    owner[7000] = False
+    fake.slot_map = [(0, slot - 1, 7000), (slot, slot, 7001), (slot + 1, 5460, 7000), *SLOT_MAP[1:]]
+    subscriber = next(protocol for port, protocol, transport, parser, _, _ in fake.connections
+                      if port == 7000 and isinstance(protocol, SubscriberProtocol))
+    subscriber.dataReceived(b"*3\r\n$12\r\nsunsubscribe\r\n" + bulk(channel) + b":0\r\n")
+    fake.advance(REFRESH_LEAST)
+    fake.advance(REFRESH_LEAST)
+    assert [port for port, _ in fake.commands(b"SSUBSCRIBE")] == [7000, 7001]
+    assert len(confirmed) == 2
+    # A map that lags (it says 7000 again): 7000 refuses with MOVED, and the
+    # subscription goes where the MOVED says.
+    fake.slot_map = list(SLOT_MAP)
+    client._slots[slot] = client._nodes["127.0.0.1:7000"]
+    client._place(client._subscriptions[channel])
+    fake.pump()
+    fake.slot_map = [(0, slot - 1, 7000), (slot, slot, 7001), (slot + 1, 5460, 7000), *SLOT_MAP[1:]]
+    fake.advance(REFRESH_LEAST)
+    fake.advance(REFRESH_LEAST)
+    assert [port for port, _ in fake.commands(b"SSUBSCRIBE")][-2:] == [7000, 7001]
+    assert client._subscriptions[channel].node is client._nodes["127.0.0.1:7001"]
+    assert len(confirmed) == 3
 
 
 # Against a real cluster.

@@ -493,9 +493,9 @@ class ClusterRedis:
         self._place_later(subscription)
 
     def _subscription_dropped(self, node: Node, subscription: Subscription) -> None:
-        # The slot moved away: the map says where to.
+        # The slot moved away: the map, read again, says where to (and is
+        # read again while any subscription has no node).
         self._refresh_soon()
-        self._place_later(subscription)
 
     def _place_later(self, subscription: Subscription) -> None:
         channel = subscription.channel
