@@ -70,7 +70,7 @@ class RedisProtocol(Protocol):
         self.address = address
         self.pending: deque[Command] = deque()
         self.parser = Parser()
-        #: Why the connection is closing, if we closed it; None while usable.
+        #: Why the connection cannot be used (we closed it, or it was lost); None while it can.
         self.why: Optional[str] = None
         self._timer: Optional[IDelayedCall] = None
         #: Called once connected (the node sends the connection's set-up).
