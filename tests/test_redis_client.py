@@ -433,7 +433,7 @@ async def test_losing_the_command_connection_renews_the_subscriptions(
         await client.call(None, "CLIENT", "KILL", "ID", str(command_id), "SKIPME", "no")
         # The subscriber connection is made anew too, and says so.
         await until(lambda: len(confirmed) == 2, what="subscribed again")
-        assert client.failure is None
+        await until(lambda: client.failure is None, what="the command connection back")
     finally:
         await client.stop()
 
