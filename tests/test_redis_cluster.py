@@ -554,7 +554,7 @@ async def test_a_killed_master_fails_its_commands_within_the_timeout(
         # Written before the kill: lost with its connection, not sent again.
         with pytest.raises(RedisUnavailable, match=f"lost the connection to Redis at {victim.address}"):
             await client.call(on_victim, "GET", on_victim)
-        assert reactor.seconds() - began < 0.5
+        assert reactor.seconds() - began < 0.5  # not retried until the timeout
         assert client.failure is not None and victim.address in client.failure
         assert states and states[0] is not None
         # While it is down: tried again (a failover may come) for the
@@ -564,7 +564,7 @@ async def test_a_killed_master_fails_its_commands_within_the_timeout(
         assert await client.call(on_survivor, "SET", on_survivor, b"s") == b"OK"
         with pytest.raises(RedisUnavailable, match=f"refused to Redis at {victim.address}"):
             await waiting
-        assert 0.45 < reactor.seconds() - began < 0.5 + 0.3
+        assert 0.45 < reactor.seconds() - began < 0.5 + 0.5  # the timeout, and a margin for a loaded machine
     finally:
         # Back before the others count it failed (2 s): the cluster stays up.
         redis_cluster.restart(victim)
@@ -584,7 +584,7 @@ async def test_no_node_to_ask(redis_cluster: RedisCluster) -> None:
         began = reactor.seconds()
         with pytest.raises(RedisUnavailable, match="slot map is not known|connection refused"):
             await client.call(b"k", "GET", b"k")
-        assert reactor.seconds() - began < 0.3 + 0.3
+        assert reactor.seconds() - began < 0.3 + 0.5
         assert client.failure is not None and "connection refused to Redis at 127.0.0.1:1" in client.failure
     finally:
         await client.stop()
