@@ -94,7 +94,7 @@ class _Taken:
 class _Script:
     """One queue's operations of one batch: one ``APPLY`` call."""
 
-    __slots__ = ("queue", "ops", "puts", "takes", "delta", "batch")
+    __slots__ = ("queue", "ops", "puts", "takes", "delta", "batch", "counted")
 
     def __init__(self, queue: RedisQueue) -> None:
         self.queue = queue
@@ -108,6 +108,8 @@ class _Script:
         self.delta = [0, 0, 0, 0]
         #: The batch whose replies wait for it, if any.
         self.batch: Optional[Batch] = None
+        #: Counted among that batch's scripts (it may wait a flush or more).
+        self.counted = False
 
 
 class RedisQueue:
@@ -116,7 +118,8 @@ class RedisQueue:
     out) the messages it brought."""
 
     __slots__ = ("name", "_store", "keys", "channel", "_base", "_unconfirmed", "_at_hand",
-                 "_taking", "_subscribed", "_idle_since", "_indexed_at", "_gate", "_leases", "_later", "_number")
+                 "_taking", "_subscribed", "_idle_since", "_indexed_at", "_gate", "_leases", "_later", "_number",
+                 "_resume_at")
 
     def __init__(self, store: RedisStore, name: bytes) -> None:
         self.name = name
@@ -146,6 +149,10 @@ class RedisQueue:
         # The queue's number (its ids begin with it), once this server has
         # one for it: given by Redis (the first server's wins).
         self._number: Optional[int] = None
+        # After a script Redis did not take: nothing more goes for this
+        # queue before then (reactor seconds), so a node that is down costs
+        # its own queues a retry a second, and the others nothing.
+        self._resume_at = 0.0
 
     def _count(self, index: int) -> int:
         total = self._base[index]
@@ -362,6 +369,7 @@ class RedisStore:
         self._checked = False
         index = prefix + b"{idx}:"
         self._index_keys = [index + b"leases", index + b"ver", index + b"empty"]
+        self._sharded = url.startswith("redis+cluster:")
         self._numbers_key = index + b"numbers"
 
     def describe(self) -> str:
@@ -432,7 +440,7 @@ class RedisStore:
         if self._stopping is None or self._in_flight:
             return
         if self._scripts:
-            if self.failure is None and self._retry_call is None and not self._stop_failed:
+            if self.failure is None and not self._stop_failed:
                 self._schedule_flush()  # (what came back with the last answers)
                 return
             # Redis is not taking them, and the server is going: what waits
@@ -448,24 +456,27 @@ class RedisStore:
 
     def _state_changed(self, failure: Optional[str]) -> None:
         was = self.failure
+        if failure is not None:
+            self.health.failed(failure, self._reactor.seconds())
+            if self._sharded:
+                # A Redis Cluster's node down: its own queues' scripts fail
+                # and wait, and the other queues go on.
+                failure = None
         if failure is None and self._refusal is not None:
             failure = self._refusal
         self.failure = failure
-        if failure is None and not self._checked:
+        if failure is None and self.client.failure is None and not self._checked:
             self._checked = True
             self._check_server()
             if self._refusal is not None:
                 return
-        if failure is not None:
-            self.health.failed(failure, self._reactor.seconds())
-        elif was is not None:
+        if failure is None and (was is not None or self._sharded and self.client.failure is None):
             self.health.failing = False
-            if self._started:
+            if self._started and was is not None:
                 self.log.info("Redis takes work again: {store}", store=self.describe())
             # Back: what waits goes out, and waiters look again.
-            if self._retry_call is not None and self._retry_call.active():
-                self._retry_call.cancel()
-            self._retry_call = None
+            for queue in self._queues.values():
+                queue._resume_at = 0.0
             self._dirty.update(q for q in self._queues.values() if q._subscribed)
             for queue in self._queues.values():
                 if queue._later:
@@ -523,7 +534,7 @@ class RedisStore:
 
     def _schedule_flush(self) -> None:
         # (After a failure, the retry's timer flushes.)
-        if self._flush_call is None and self._retry_call is None and not self._flushing:
+        if self._flush_call is None and not self._flushing:
             self._flush_call = self._reactor.callLater(0, self._flush)
 
     def _woken(self, channel: bytes, _payload: bytes) -> None:
@@ -545,25 +556,35 @@ class RedisStore:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        now = self._reactor.seconds()
         self._flushing = True
         try:
             if self._dirty:
                 dirty, self._dirty = self._dirty, set()
                 if self.failure is None and self._stopping is None:
                     for queue in dirty:
-                        self._plan_take(queue)
+                        if queue._resume_at > now:
+                            self._dirty.add(queue)  # (looks again once it may)
+                        else:
+                            self._plan_take(queue)
         finally:
             self._flushing = False
         scripts, self._scripts = self._scripts, {}
         batch, self.pending = self.pending, None
         if batch is not None:
             self._outstanding[batch] = [0, set(), None]
-        for script in scripts.values():
-            if script.batch is not None:
+        ready = []
+        for queue, script in scripts.items():
+            if script.batch is not None and not script.counted:
+                script.counted = True
                 self._outstanding[script.batch][0] += 1
+            if queue._resume_at > now and self._stopping is None:
+                self._scripts[queue] = script  # waits for its retry
+            else:
+                ready.append(script)
         if batch is not None and not self._outstanding[batch][0]:
             self._finish(batch)
-        for script in scripts.values():
+        for script in ready:
             self._send(script)
 
     def _plan_take(self, queue: RedisQueue) -> None:
@@ -686,12 +707,11 @@ class RedisStore:
             self._dirty.add(queue)
         if self._stopping is not None:
             self._stop_failed = True
-        elif self._retry_call is None:
-            # Nothing more goes to Redis until then (a retry loop would spin).
-            if self._flush_call is not None and self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
-            self._retry_call = self._reactor.callLater(RETRY_SECONDS, self._retry)
+        else:
+            # Nothing more goes for this queue until then (a retry loop would spin).
+            queue._resume_at = self._reactor.seconds() + RETRY_SECONDS
+            if self._retry_call is None:
+                self._retry_call = self._reactor.callLater(RETRY_SECONDS, self._retry)
         kept = [op for op in script.ops if op[0] in _RETRIED]
         retry: Optional[_Script] = None
         if kept:
@@ -718,6 +738,10 @@ class RedisStore:
             if queue._later:
                 self._script(queue, waited=False)
         self._flush()
+        waiting = [queue._resume_at for queue in self._scripts] + [queue._resume_at for queue in self._dirty]
+        later = max(0.0, min(waiting, default=0.0) - self._reactor.seconds())
+        if self._retry_call is None and (self._scripts or self._dirty) and self._stopping is None:
+            self._retry_call = self._reactor.callLater(later or RETRY_SECONDS, self._retry)
 
     def _script_done(self, batch: Batch) -> None:
         state = self._outstanding[batch]
