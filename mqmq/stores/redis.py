@@ -117,7 +117,7 @@ class RedisQueue:
     changes on their way, and (only while a take's reply is being handed
     out) the messages it brought."""
 
-    __slots__ = ("name", "_store", "keys", "channel", "_base", "_unconfirmed", "_at_hand",
+    __slots__ = ("name", "_store", "keys", "channel", "_base", "_unconfirmed", "_flying", "_at_hand",
                  "_taking", "_subscribed", "_idle_since", "_indexed_at", "_gate", "_leases", "_later", "_number",
                  "_resume_at")
 
@@ -132,6 +132,8 @@ class RedisQueue:
         # Ready count, their bytes, buried count, their bytes: as Redis last said.
         self._base = [0, 0, 0, 0]
         self._unconfirmed: list[_Script] = []
+        # The sum of their deltas (counted on every len()).
+        self._flying = [0, 0, 0, 0]
         self._at_hand: deque[_Taken] = deque()
         # Waiters that takes on their way take for.
         self._taking = 0
@@ -155,9 +157,7 @@ class RedisQueue:
         self._resume_at = 0.0
 
     def _count(self, index: int) -> int:
-        total = self._base[index]
-        for script in self._unconfirmed:
-            total += script.delta[index]
+        total = self._base[index] + self._flying[index]
         opened = self._store._scripts.get(self)
         if opened is not None:
             total += opened.delta[index]
@@ -604,6 +604,7 @@ class RedisStore:
     def _send(self, script: _Script) -> None:
         queue = script.queue
         queue._unconfirmed.append(script)
+        _add(queue._flying, script.delta, 1)
         self._in_flight += 1
         if queue._gate is not None:
             # Behind a script that waits: in order.
@@ -670,6 +671,7 @@ class RedisStore:
         queue = script.queue
         before = queue.counts()
         queue._unconfirmed.remove(script)
+        _add(queue._flying, script.delta, -1)
         queue._base = [int(result[0]), int(result[1]), int(result[2]), int(result[3])]
         taken = result[5:]
         for take, count in script.takes:
@@ -699,6 +701,7 @@ class RedisStore:
         before = queue.counts()
         if script in queue._unconfirmed:
             queue._unconfirmed.remove(script)
+            _add(queue._flying, script.delta, -1)
         for take, count in script.takes:
             queue._taking -= count
             # It may have run and its answer been lost: what it took comes
@@ -814,6 +817,11 @@ class RedisStore:
     def _sweep_failed(self, reason: Failure) -> None:
         if not reason.check(RedisError, RedisUnavailable):
             self.log.failure("sweeping the lease index failed", reason)
+
+
+def _add(total: list[int], delta: list[int], sign: int) -> None:
+    for index, change in enumerate(delta):
+        total[index] += sign * change
 
 
 def _holds(script: _Script) -> bool:
