@@ -17,6 +17,7 @@ import pytest
 
 from conftest import (
     COMMAND_TIMEOUT,
+    REPO_ROOT,
     Processes,
     assert_one_error_line,
     bin_path,
@@ -345,3 +346,18 @@ def test_version_is_mqmqs(command: list[str], subprocess_env: dict[str, str]) ->
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"mqmq {mqmq.__version__}\n"
+
+
+def test_every_package_of_mqmq_is_installed() -> None:
+    # A package missing from setup.cfg works in the checkout and is missing
+    # from every install (mqmq.redis once was).
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {
+        ".".join(path.parent.relative_to(REPO_ROOT).parts)
+        for path in (REPO_ROOT / "mqmq").rglob("__init__.py")
+    }
+    assert found <= listed, f"not in setup.cfg's packages: {sorted(found - listed)}"
