@@ -123,6 +123,12 @@ def test_counts_follow_what_other_servers_did(redis_server: RedisServer) -> None
     assert producer.replies() == [OK]
     producer.send([b"Info"])
     assert b'"Queues":{"q":{"NumMessages":3}}' in producer.replies()[0][1]
+    # With no request on it, within a second or so.
+    consumer.send([b"Get", b"q"], [b"Get", b"q"])
+    assert consumer.replies() == [[b"OK", b"m1"], [b"OK", b"m2"]]
+    tick(a)
+    producer.send([b"Info"])
+    assert b'"Queues":{"q":{"NumMessages":1}}' in producer.replies()[0][1]
 
 
 def test_a_dead_server_s_reservations_come_back_after_their_leases(

@@ -54,6 +54,9 @@ LINGER_MS = 10000
 INDEX_EVERY_SECONDS = 5.0
 #: A queue with no waiters for this long is unsubscribed (seconds).
 UNSUBSCRIBE_AFTER_SECONDS = 30.0
+#: Queues whose counts are read afresh each tick (round the queues this
+#: server holds), so that its ``Info`` follows what other servers did.
+RECOUNT_PER_TICK = 100
 #: A batch that Redis could not take is tried again after this long.
 RETRY_SECONDS = 1.0
 
@@ -348,6 +351,7 @@ class RedisStore:
         self.max_deliveries = 0
         self.health = StoreHealth()
         self._queues: dict[bytes, RedisQueue] = {}
+        self._recount_order: list[bytes] = []
         self._scripts: dict[RedisQueue, _Script] = {}
         self._dirty: set[RedisQueue] = set()
         self._next_put = 1
@@ -497,7 +501,7 @@ class RedisStore:
             self.client.unsubscribe(queue.channel)
 
     def _counted(self, counts: list[int], queue: RedisQueue) -> None:
-        if self._queues.get(queue.name) is not queue or queue._unconfirmed:
+        if self._queues.get(queue.name) is not queue or queue._unconfirmed or queue in self._scripts:
             return  # a script's answer says more
         before = queue.counts()
         queue._base = [int(c) for c in counts]
@@ -784,7 +788,20 @@ class RedisStore:
             self._schedule_flush()
         if self.failure is None:
             self._sweep()
+            self._recount()
         self._schedule_tick()
+
+    def _recount(self) -> None:
+        """Read afresh the counts of the next few queues, for ``Info``."""
+        if not self._recount_order:
+            self._recount_order = list(self._queues)
+        names, self._recount_order = (self._recount_order[:RECOUNT_PER_TICK],
+                                      self._recount_order[RECOUNT_PER_TICK:])
+        for name in names:
+            queue = self._queues.get(name)
+            if queue is not None and not queue._unconfirmed and queue not in self._scripts:
+                counting = self.client.eval(_COUNTS, [queue.keys[0], queue.keys[5], queue.keys[6]], [])
+                counting.addCallbacks(self._counted, lambda _: None, (queue,))
 
     def _sweep(self) -> None:
         """Reservations whose servers are gone, due now, go back to their queues."""
