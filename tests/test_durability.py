@@ -180,7 +180,10 @@ def test_a_database_from_a_newer_version_stops_twistd(procs: Processes, tmp_path
 
 @pytest.mark.parametrize("options, complaint", [
     (["--store", "sqlite:"], "needs the database's path"),
-    (["--store", "redis://x"], "unknown kind"),
+    (["--store", "mongodb://x"], "unknown kind"),
+    (["--store", "redis://x:notaport"], "the port 'notaport' is not a number"),
+    (["--store", "redis+cluster://"], "a host is missing"),
+    (["--store", "redis://127.0.0.1:1/0", "--redis-timeout", "0"], "want more than 0 seconds"),
     (["--store", "memory:x"], "takes nothing after the colon"),
     (["--store", "sqlite:/tmp/x.db", "--fsync", "sometimes"], "--fsync 'sometimes'"),
 ])
