@@ -63,10 +63,13 @@ clients reconnect.  The audit then requires:
 On Redis a killed server's reservations come back once their leases end
 (plus 2 s of grace) and a surviving server sweeps (every second): use a
 short ``--lease``; the drain goes on until ``--lease`` + 5 s after the last
-kill.  ``reclaimed`` counts messages handed out again after their server
-was killed under them, ``reclaim_wait_s`` the shortest and longest time
-from that delivery to the next, ``reclaimed_deliveries`` their deliveries
-counts then.
+kill.  ``held_at_kill`` counts reservations in a consumer's hands when a
+kill cut its connection; ``reclaimed`` messages handed out again after a
+kill cut their delivery (in hand, or their ``Ack``), ``reclaim_wait_s`` the
+shortest and longest time from that delivery to the next,
+``reclaimed_deliveries`` their deliveries counts then; ``reclaimed_unseen``
+messages first seen with a deliveries count above 1 (reserved by a server
+killed before its reply went out).
 
 Exits 0 when the audit passes, 1 when it fails.
 """
@@ -142,7 +145,9 @@ class Audit:
     ack_refused: int = 0
     redelivered: int = 0
     unaccounted: int = 0
+    held_at_kill: int = 0
     reclaimed: int = 0
+    reclaimed_unseen: int = 0
     reclaim_wait_s: list[float] = field(default_factory=list)
     reclaimed_deliveries: dict[int, int] = field(default_factory=dict)
     passed: bool = False
@@ -343,6 +348,10 @@ class Soak:
                     audit.reclaim_wait_s = [waited, waited]
                 dlv = audit.reclaimed_deliveries
                 dlv[delivery.deliveries] = dlv.get(delivery.deliveries, 0) + 1
+        elif delivery.deliveries > 1:
+            # Handed out before, but its reply never reached a consumer:
+            # reserved by a server killed before it answered.
+            audit.reclaimed_unseen += 1
         audit.counts[message_id] = delivery.deliveries
         audit.handed_at[message_id] = now
         audit.ended.pop(message_id, None)
@@ -405,6 +414,7 @@ class Soak:
                         client.transport.abortConnection()
                 elif broken:
                     # A server kill cut the connection.
+                    audit.held_at_kill += len(held)
                     for message_id, _ in held:
                         audit.ended[message_id] = _KILLED
                 else:

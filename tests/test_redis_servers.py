@@ -133,7 +133,7 @@ async def test_a_put_on_one_server_wakes_a_get_waiting_on_another(
         woken_after = []
         for round_ in range(3):
             waiting = on_b.get("wake", 10)
-            await sleep(0.3)  # B's take found the queue empty: B sleeps on it
+            await sleep(0.2)  # B's take found the queue empty: B sleeps on it
             assert not waiting.called
             put_at = time.monotonic()
             await on_a.put("wake", b"m%d" % round_)
@@ -145,9 +145,9 @@ async def test_a_put_on_one_server_wakes_a_get_waiting_on_another(
         for round_ in range(3):
             first, second = b"first-%d" % round_, b"second-%d" % round_
             gets = {"B": outcome(on_b.get("once", 10)), "C": outcome(on_c.get("once", 10))}
-            await sleep(0.3)
+            await sleep(0.2)
             await on_a.put("once", first)
-            await sleep(0.5)  # time enough for both to have it, had both taken it
+            await sleep(0.3)  # time enough for both to have it, had both taken it
             answered = {name: got for name, got in gets.items() if got}
             assert list(answered.values()) == [[first]], gets
             # The other still waits, and gets the next one.
@@ -228,7 +228,7 @@ def test_a_server_killed_mid_load_loses_nothing_acknowledged(
     lease = 2
     audit = soak(subprocess_env, f"redis://{redis_server.address}/0", prefix,
                  "--servers", "3", "--kill-every", "1", "--reserve", "--lease", str(lease),
-                 "--duration", "3", "--producers", "3", "--consumers", "4", "--window", "4",
+                 "--duration", "2.5", "--producers", "3", "--consumers", "4", "--window", "4",
                  "--max-size", "256", "--drop-rate", "0.05")
     assert audit["passed"] is True
     assert audit["server_kills"] >= 1
@@ -237,10 +237,14 @@ def test_a_server_killed_mid_load_loses_nothing_acknowledged(
     assert audit["missing"] == audit["acked_twice"] == audit["unaccounted"] == 0
     assert audit["corrupt"] == audit["unknown"] == audit["out_of_order"] == 0
     assert audit["consumer_drops"] and audit["redelivered"]
+    # Whether a kill catches reservations in a consumer's hands (or its Acks
+    # in flight) is chance: a reservation a killed server held comes back
+    # through a survivor only once its lease (and 2 s of grace) ran out,
+    # with a higher deliveries count (the audit's rule); the next test
+    # makes sure of it.
     if audit["reclaimed"]:
-        # Handed out again by a survivor only once the lease (and the 2 s
-        # of grace) had run out.
         assert audit["reclaim_wait_s"][0] >= lease + 1.5, audit
+        assert min(int(count) for count in audit["reclaimed_deliveries"]) >= 2
 
 
 @pytest_twisted.ensureDeferred
@@ -469,7 +473,7 @@ async def test_redis_down_refuses_puts_and_the_server_takes_work_again_once_it_i
             stop()
             # Refused, within the timeout and a little, and never OK while Redis is down.
             accepted, refused, took = await put_until(
-                client, "down", lambda i: b"%d-down-%d" % (number, i), ok=True, deadline=2.0)
+                client, "down", lambda i: b"%d-down-%d" % (number, i), ok=True, deadline=1.2)
             assert not accepted and len(refused) >= 5, (accepted, refused)
             assert max(took) <= timeout + 0.5, took
             # Back on the same port: the server finds it by itself.
