@@ -113,6 +113,14 @@ async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the reactor run until ``condition()`` holds (at most DEADLINE)."""
+    give_up = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < give_up, "not in time"
+        await sleep(0.01)
+
+
 def outcome(deferred: defer.Deferred[Any]) -> list[Any]:
     """What ``deferred`` fires with, once it does (a Failure if it fails)."""
     result: list[Any] = []
@@ -133,7 +141,7 @@ async def test_a_put_on_one_server_wakes_a_get_waiting_on_another(
         woken_after = []
         for round_ in range(3):
             waiting = on_b.get("wake", 10)
-            await sleep(0.2)  # B's take found the queue empty: B sleeps on it
+            await sleep(0.3)  # B's take found the queue empty: B sleeps on it
             assert not waiting.called
             put_at = time.monotonic()
             await on_a.put("wake", b"m%d" % round_)
@@ -145,18 +153,16 @@ async def test_a_put_on_one_server_wakes_a_get_waiting_on_another(
         for round_ in range(3):
             first, second = b"first-%d" % round_, b"second-%d" % round_
             gets = {"B": outcome(on_b.get("once", 10)), "C": outcome(on_c.get("once", 10))}
-            await sleep(0.2)
+            await sleep(0.3)
             await on_a.put("once", first)
-            await sleep(0.3)  # time enough for both to have it, had both taken it
+            await until(lambda: any(gets.values()))
+            await sleep(0.3)  # time enough for the other to have it too, had both taken it
             answered = {name: got for name, got in gets.items() if got}
             assert list(answered.values()) == [[first]], gets
             # The other still waits, and gets the next one.
             await on_a.put("once", second)
             (other,) = gets.keys() - answered.keys()
-            for _ in range(int(DEADLINE / 0.01)):
-                if gets[other]:
-                    break
-                await sleep(0.01)
+            await until(lambda: bool(gets[other]))
             assert gets[other] == [second]
         for client in (on_a, on_b, on_c):
             with pytest.raises(GetTimeout):
@@ -403,7 +409,10 @@ def test_ten_thousand_waiting_gets_hold_two_redis_connections(
             if len(answered) == 10:
                 give_up = min(give_up, time.monotonic() + 1)  # and no more after a while
         assert answered == {b"wait-%02d" % q: [b"OK|message for %d" % q] for q in range(0, 100, 10)}
-        assert stats(web)["waiting"] == 10_000 - 10
+        give_up = time.monotonic() + DEADLINE
+        while (seen := stats(web))["waiting"] != 10_000 - 10 and time.monotonic() < give_up:
+            time.sleep(0.1)
+        assert seen["waiting"] == 10_000 - 10, seen
         assert server_redis_connections(nodes, server.process) == per_node
     finally:
         selector.close()
