@@ -955,7 +955,11 @@ class Broker(service.Service):
         _check_name(queue_name)
         self.check_acknowledged_delivery()
         queue = self._queues.get(queue_name)
-        if queue is None or not queue.buried:
+        if self._remote:
+            # Other servers may have buried what this one never saw: Redis kicks.
+            self._check_reachable()
+            queue = self._queue(queue_name)
+        elif queue is None or not queue.buried:
             return 0  # (no queue made for it)
         messages = cast(ReservingQueue, queue.messages)
         if not messages:

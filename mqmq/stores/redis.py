@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import random
 from collections import deque
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -47,6 +47,9 @@ GRACE_MS = 2000
 TICK_SECONDS = 1.0
 #: Index entries swept per tick.
 SWEEP_MOST = 64
+#: Due entries read per sweep, among which each server picks its SWEEP_MOST
+#: at random: servers sweeping at once mostly sweep different queues.
+SWEEP_READ = 4 * SWEEP_MOST
 #: An index entry found without reservations is dropped only when found so
 #: again this long after (ms), with nobody recording the queue meanwhile.
 LINGER_MS = 10000
@@ -67,8 +70,14 @@ _INDEX_DUE = Script(redis_scripts.INDEX_DUE)
 _INDEX_SETTLE = Script(redis_scripts.INDEX_SETTLE)
 _COUNTS = Script(redis_scripts.COUNTS)
 
-#: Operations a failed script's batch tries again (they change nothing twice).
+#: Operations a failed script's batch tries again.  Those on a reservation
+#: check it is still this server's, and a put-back keeping its id checks
+#: it is not there already, so they change nothing twice; a Kick, and a
+#: put-back with a new id, are done twice if the first try had been run.
 _RETRIED = frozenset("FARBLNKG")
+#: Operations nobody waits for, tried again with the queue's next script
+#: (forgetting a take's record, putting back what a lost take took).
+_LATER = frozenset("XY")
 
 
 def queue_tag(name: bytes) -> bytes:
@@ -97,7 +106,7 @@ class _Taken:
 class _Script:
     """One queue's operations of one batch: one ``APPLY`` call."""
 
-    __slots__ = ("queue", "ops", "puts", "takes", "delta", "batch", "counted")
+    __slots__ = ("queue", "ops", "puts", "takes", "delta", "batch", "counted", "flying")
 
     def __init__(self, queue: RedisQueue) -> None:
         self.queue = queue
@@ -113,6 +122,8 @@ class _Script:
         self.batch: Optional[Batch] = None
         #: Counted among that batch's scripts (it may wait a flush or more).
         self.counted = False
+        #: Counted in its queue's changes in flight (sent, or waiting to be).
+        self.flying = False
 
 
 class RedisQueue:
@@ -122,7 +133,7 @@ class RedisQueue:
 
     __slots__ = ("name", "_store", "keys", "channel", "_base", "_unconfirmed", "_flying", "_at_hand",
                  "_taking", "_subscribed", "_idle_since", "_indexed_at", "_gate", "_leases", "_later", "_number",
-                 "_resume_at")
+                 "_resume_at", "_indexed_until", "_rewake")
 
     def __init__(self, store: RedisStore, name: bytes) -> None:
         self.name = name
@@ -144,7 +155,7 @@ class RedisQueue:
         self._idle_since: Optional[float] = None
         self._indexed_at: Optional[float] = None
         # While the lease index records this queue: its scripts wait for that.
-        self._gate: Optional[Deferred[None]] = None
+        self._gate: Optional[Deferred[Any]] = None
         # Leases (ms) of reserved messages at hand, as taken.
         self._leases: dict[int, int] = {}
         # Operations nobody waits for (forgetting a take's record, or putting
@@ -158,6 +169,10 @@ class RedisQueue:
         # queue before then (reactor seconds), so a node that is down costs
         # its own queues a retry a second, and the others nothing.
         self._resume_at = 0.0
+        # The earliest deadline the lease index was told of, then.
+        self._indexed_until = 0.0
+        # Woken while a take was out: take again if it comes back short.
+        self._rewake = False
 
     def _count(self, index: int) -> int:
         total = self._base[index] + self._flying[index]
@@ -284,14 +299,13 @@ class RedisQueue:
         raise NotImplementedError("the take buries what was handed out too often")
 
     def kick(self, most: int) -> int:
-        # As many as this server knows of; Redis kicks what it holds, and
-        # its answer corrects the counts.
+        # Redis kicks up to ``most`` of what it holds; the answer is as many
+        # as this server knows of, and Redis's reply corrects the counts.
         kicked = max(0, min(most, self._count(2)))
-        if kicked:
-            script = self._store._script(self, waited=True)
-            script.ops.append(("K", kicked))
-            script.delta[0] += kicked
-            script.delta[2] -= kicked
+        script = self._store._script(self, waited=True)
+        script.ops.append(("K", most))
+        script.delta[0] += kicked
+        script.delta[2] -= kicked
         return kicked
 
     # From the store ------------------------------------------------------------
@@ -331,6 +345,10 @@ class RedisStore:
     ) -> None:
         self.url = url
         self.prefix = prefix
+        #: Added to deadlines in Redis: at least the Redis timeout, so that a
+        #: take answered that late still ends its lease here first.
+        #: (GRACE_MS set to 0, in tests: none.)
+        self.grace_ms = max(GRACE_MS, int(timeout * 1000)) if GRACE_MS else 0
         self._reactor = reactor
         #: This process among the servers sharing the queues.
         self.server_id = b"%s-%d-%s" % (os.uname().nodename.encode("ascii", "replace")[:20],
@@ -352,7 +370,14 @@ class RedisStore:
         self.health = StoreHealth()
         self._queues: dict[bytes, RedisQueue] = {}
         self._recount_order: list[bytes] = []
+        # Queues new to this server wait for their counts (read at the flush).
+        self._to_count = False
         self._scripts: dict[RedisQueue, _Script] = {}
+        # Scripts of queues waiting for their retry, in order: they go before
+        # anything newer for the queue, and are closed to new operations.
+        self._deferred: dict[RedisQueue, list[_Script]] = {}
+        # Stopped: nothing more goes to Redis.
+        self._stopped = False
         self._dirty: set[RedisQueue] = set()
         self._next_put = 1
         self._next_take = 1
@@ -436,6 +461,9 @@ class RedisStore:
                 call.cancel()
         self._tick_call = self._retry_call = None
         stopping = self._stopping = Deferred()
+        for queue in self._queues.values():
+            if queue._later:  # (what a lost take took goes back first)
+                self._script(queue, waited=False)
         self._flush()
         self._maybe_stopped()
         return stopping
@@ -443,7 +471,7 @@ class RedisStore:
     def _maybe_stopped(self) -> None:
         if self._stopping is None or self._in_flight:
             return
-        if self._scripts:
+        if self._scripts or self._deferred:
             if self.failure is None and not self._stop_failed:
                 self._schedule_flush()  # (what came back with the last answers)
                 return
@@ -451,8 +479,14 @@ class RedisStore:
             # for them is never answered (an OK would be a lie, and an Ack
             # not written is as if never sent: its reservation comes back).
             self._scripts = {}
+            self._deferred = {}
             self.pending = None
         stopping, self._stopping = self._stopping, None
+        self._stopped = True
+        for call in (self._flush_call, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._retry_call = None
         for queue in self._queues.values():
             if queue._subscribed:
                 self.client.unsubscribe(queue.channel)
@@ -489,9 +523,10 @@ class RedisStore:
 
     def queue(self, name: bytes) -> RedisQueue:
         queue = self._queues[name] = RedisQueue(self, name)
-        if self.failure is None:
-            counting = self.client.eval(_COUNTS, [queue.keys[0], queue.keys[5], queue.keys[6]], [])
-            counting.addCallbacks(self._counted, lambda _: None, (queue,))
+        # Its counts, for Info, once the broker holds it (in the next turn).
+        self._recount_order.insert(0, name)
+        self._to_count = True
+        self._schedule_flush()
         return queue
 
     def forget(self, stored: StoredQueue) -> None:
@@ -501,7 +536,8 @@ class RedisStore:
             self.client.unsubscribe(queue.channel)
 
     def _counted(self, counts: list[int], queue: RedisQueue) -> None:
-        if self._queues.get(queue.name) is not queue or queue._unconfirmed or queue in self._scripts:
+        if (self._queues.get(queue.name) is not queue or queue._unconfirmed or queue in self._scripts
+                or queue in self._deferred):
             return  # a script's answer says more
         before = queue.counts()
         queue._base = [int(c) for c in counts]
@@ -538,12 +574,14 @@ class RedisStore:
 
     def _schedule_flush(self) -> None:
         # (After a failure, the retry's timer flushes.)
-        if self._flush_call is None and not self._flushing:
+        if self._flush_call is None and not self._flushing and not self._stopped:
             self._flush_call = self._reactor.callLater(0, self._flush)
 
     def _woken(self, channel: bytes, _payload: bytes) -> None:
         queue = self._queue_of_channel(channel)
         if queue is not None:
+            if queue._taking:
+                queue._rewake = True  # the take out may have missed it
             self._dirty.add(queue)
             self._schedule_flush()
 
@@ -573,23 +611,37 @@ class RedisStore:
                             self._plan_take(queue)
         finally:
             self._flushing = False
+        if self._to_count and self.failure is None:
+            self._to_count = False
+            self._recount()
         scripts, self._scripts = self._scripts, {}
         batch, self.pending = self.pending, None
         if batch is not None:
             self._outstanding[batch] = [0, set(), None]
         ready = []
+        for queue in list(self._deferred):
+            if queue._resume_at <= now or self._stopping is not None:
+                ready.extend(self._deferred.pop(queue))
         for queue, script in scripts.items():
             if script.batch is not None and not script.counted:
                 script.counted = True
                 self._outstanding[script.batch][0] += 1
-            if queue._resume_at > now and self._stopping is None:
-                self._scripts[queue] = script  # waits for its retry
+            if queue in self._deferred or queue._resume_at > now and self._stopping is None:
+                # Waits for its queue's retry, behind what waits already.
+                self._deferred.setdefault(queue, []).append(script)
+                self._fly(script)
             else:
                 ready.append(script)
         if batch is not None and not self._outstanding[batch][0]:
             self._finish(batch)
         for script in ready:
             self._send(script)
+
+    def _fly(self, script: _Script) -> None:
+        if not script.flying:
+            script.flying = True
+            script.queue._unconfirmed.append(script)
+            _add(script.queue._flying, script.delta, 1)
 
     def _plan_take(self, queue: RedisQueue) -> None:
         waiting = self.waiting(queue.name) if self.waiting is not None else ()
@@ -607,17 +659,19 @@ class RedisStore:
 
     def _send(self, script: _Script) -> None:
         queue = script.queue
-        queue._unconfirmed.append(script)
-        _add(queue._flying, script.delta, 1)
+        self._fly(script)
         self._in_flight += 1
         if queue._gate is not None:
-            # Behind a script that waits: in order.
-            queue._gate.addCallback(lambda _: self._send_now(script))
+            # Behind a script that waits: in order (and failed with it).
+            cast(Any, queue._gate).addCallback(self._after_gate, script)
             return
         now = self._reactor.seconds()
         numbered = queue._number is not None
-        indexed = not _holds(script) or (
-            queue._indexed_at is not None and now - queue._indexed_at < INDEX_EVERY_SECONDS)
+        shortest = _shortest_lease(script)
+        deadline = now + (shortest + self.grace_ms) / 1000
+        indexed = shortest < 0 or (
+            queue._indexed_at is not None and now - queue._indexed_at < INDEX_EVERY_SECONDS
+            and queue._indexed_until <= deadline)
         if numbered and indexed:
             self._send_now(script)
             return
@@ -628,35 +682,40 @@ class RedisStore:
             preparing.addCallback(lambda _: self.client.call(self._numbers_key, b"INCR", self._numbers_key))
             preparing.addCallback(lambda number: setattr(queue, "_number", int(number)))
         if not indexed:
-            # Recorded in the lease index before it holds a reservation:
-            # should this server die, the others find it there.
+            # Recorded in the lease index before it holds a reservation (by
+            # its earliest deadline): should this server die, the others
+            # find it there in time.
             queue._indexed_at = now
+            queue._indexed_until = deadline
             preparing.addCallback(lambda _: self.client.eval(
-                _INDEX_TOUCH, self._index_keys[:2], [queue.name, self._longest_lease(script) + GRACE_MS]))
+                _INDEX_TOUCH, self._index_keys[:2], [queue.name, shortest + self.grace_ms]))
+        outcome: list[Optional[Failure]] = [None]
 
         def not_ready(reason: Failure) -> None:
             queue._indexed_at = None
+            outcome[0] = reason
             self._failed_running(reason, script)
 
         def open_gate(_: object) -> None:
             queue._gate = None
-            gate.callback(None)
+            gate.callback(outcome)
 
         preparing.addCallbacks(lambda _: self._send_now(script), not_ready)
         preparing.addBoth(open_gate)
 
-    def _longest_lease(self, script: _Script) -> int:
-        longest = 0
-        for op in script.ops:
-            if op[0] == "T":
-                longest = max([longest, *op[3:]])
-            elif op[0] == "L":
-                longest = max(longest, op[2])
-        return longest
+    def _after_gate(self, outcome: list[Optional[Failure]], script: _Script) -> list[Optional[Failure]]:
+        # What waited behind a failed preparation fails with it: sent, it
+        # could hold a reservation the lease index does not know of.
+        failed = outcome[0]
+        if failed is None:
+            self._send_now(script)
+        else:
+            self._failed_running(failed, script)
+        return outcome
 
     def _send_now(self, script: _Script) -> None:
         number = script.queue._number
-        args: list[Any] = [self.server_id, script.queue.channel, self.max_deliveries, GRACE_MS,
+        args: list[Any] = [self.server_id, script.queue.channel, self.max_deliveries, self.grace_ms,
                            b"" if number is None else number]
         for op in script.ops:
             args.extend(op)
@@ -681,6 +740,10 @@ class RedisStore:
         for take, count in script.takes:
             queue._taking -= count
             queue._later.append(("X", take))
+        if script.takes and queue._rewake and not queue._taking:
+            queue._rewake = False
+            self._dirty.add(queue)  # woken meanwhile: look again for what is left
+            self._schedule_flush()
         at_hand = queue._at_hand
         for i in range(0, len(taken), 4):
             at_hand.append(_Taken(int(taken[i]), int(taken[i + 1]), taken[i + 2], int(taken[i + 3])))
@@ -714,11 +777,13 @@ class RedisStore:
             self._dirty.add(queue)
         if self._stopping is not None:
             self._stop_failed = True
-        else:
+        elif not self._stopped:
             # Nothing more goes for this queue until then (a retry loop would spin).
             queue._resume_at = self._reactor.seconds() + RETRY_SECONDS
             if self._retry_call is None:
                 self._retry_call = self._reactor.callLater(RETRY_SECONDS, self._retry)
+        # (Before the Y planned above: ops keep their order.)
+        queue._later[:0] = [op for op in script.ops if op[0] in _LATER]
         kept = [op for op in script.ops if op[0] in _RETRIED]
         retry: Optional[_Script] = None
         if kept:
@@ -745,9 +810,10 @@ class RedisStore:
             if queue._later:
                 self._script(queue, waited=False)
         self._flush()
-        waiting = [queue._resume_at for queue in self._scripts] + [queue._resume_at for queue in self._dirty]
+        waiting = [queue._resume_at for queue in self._deferred] + [queue._resume_at for queue in self._dirty]
         later = max(0.0, min(waiting, default=0.0) - self._reactor.seconds())
-        if self._retry_call is None and (self._scripts or self._dirty) and self._stopping is None:
+        if self._retry_call is None and (self._deferred or self._dirty) and self._stopping is None \
+                and not self._stopped:
             self._retry_call = self._reactor.callLater(later or RETRY_SECONDS, self._retry)
 
     def _script_done(self, batch: Batch) -> None:
@@ -805,12 +871,14 @@ class RedisStore:
 
     def _sweep(self) -> None:
         """Reservations whose servers are gone, due now, go back to their queues."""
-        due = self.client.eval(_INDEX_DUE, self._index_keys[:2], [SWEEP_MOST])
+        due = self.client.eval(_INDEX_DUE, self._index_keys[:2], [SWEEP_READ])
         due.addCallbacks(self._swept, self._sweep_failed)
 
     def _swept(self, found: list[bytes]) -> None:
-        for i in range(0, len(found), 2):
-            name, version = found[i], found[i + 1]
+        entries = [(found[i], found[i + 1]) for i in range(0, len(found), 2)]
+        if len(entries) > SWEEP_MOST:
+            entries = random.sample(entries, SWEEP_MOST)
+        for name, version in entries:
             queue = self._queues.get(name) or RedisQueue(self, name)
             keys = queue.keys
             reclaiming = self.client.eval(
@@ -836,18 +904,25 @@ class RedisStore:
             self.log.failure("sweeping the lease index failed", reason)
 
 
+def _shortest_lease(script: _Script) -> int:
+    """The shortest lease (ms) a script may leave a reservation with; -1 if none."""
+    shortest = -1
+    for op in script.ops:
+        code = op[0]
+        leases: Sequence[int] = ()
+        if code == "T":
+            leases = [lease for lease in op[3:] if lease >= 0]
+        elif code == "L" or code == "N":
+            leases = (op[-1],)
+        for lease in leases:
+            if shortest < 0 or lease < shortest:
+                shortest = lease
+    return shortest
+
+
 def _add(total: list[int], delta: list[int], sign: int) -> None:
     for index, change in enumerate(delta):
         total[index] += sign * change
-
-
-def _holds(script: _Script) -> bool:
-    """Whether a script may leave a reservation held by this server."""
-    for op in script.ops:
-        code = op[0]
-        if code == "N" or code == "L" or code == "T" and any(lease >= 0 for lease in op[3:]):
-            return True
-    return False
 
 
 def _channel_name(channel: bytes, prefix: bytes) -> Optional[bytes]:
