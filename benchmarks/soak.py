@@ -316,8 +316,9 @@ class Soak:
                     except GetTimeout:
                         pass
                     except ConnectionClosed:
-                        # The server may have written a message to us already.
-                        # (Not dropping: a server kill cut it off.)
+                        # The server may have written a message to us
+                        # already; cut off by our drop, or by a server kill
+                        # (then the connection is done with too).
                         self.audit.vanished_bound += 1
                         broken = True
                 if dropping:
