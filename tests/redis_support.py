@@ -151,16 +151,18 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters, no replicas, every slot assigned."""
+    """Three masters (and ``replicas`` replicas of each), every slot assigned."""
 
-    def __init__(self, directory: Path, masters: int = 3) -> None:
+    def __init__(self, directory: Path, masters: int = 3, replicas: int = 0,
+                 node_timeout_ms: int = 2000, options: Sequence[str] = ()) -> None:
         self.nodes = [
             RedisServer(directory / f"node{index}", [
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000",
+                "--cluster-node-timeout", str(node_timeout_ms), *options,
             ])
-            for index in range(masters)
+            for index in range(masters * (1 + replicas))
         ]
+        self.replicas = replicas
         self.bus_ports: dict[RedisServer, int] = {}
 
     @property
@@ -174,7 +176,7 @@ class RedisCluster:
             node.start(extra=["--cluster-port", str(self.bus_ports[node])])
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(node.address for node in self.nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=READY_DEADLINE * 2,
         )
         self.wait_ok()

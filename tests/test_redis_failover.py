@@ -15,7 +15,6 @@ immediate; the test waits for the replica to have them before the kill).
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 
 from mqmq.wire.codec import decode_payload, encode_frame
-from redis_support import READY_DEADLINE, RedisCluster, RedisServer, free_port, require_redis
+from redis_support import READY_DEADLINE, RedisCluster, RedisServer, require_redis
 from support import read_exactly
 
 #: The cluster's node timeout (ms): how long before a replica takes over.
@@ -34,25 +33,16 @@ class ReplicatedCluster(RedisCluster):
     """Three masters and three replicas, every slot assigned."""
 
     def __init__(self, directory: Path) -> None:
-        super().__init__(directory, masters=6)
-        for node in self.nodes:
-            node.options[node.options.index("--cluster-node-timeout") + 1] = str(NODE_TIMEOUT_MS)
+        super().__init__(directory, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS, options=[
             # (By default a cluster missing a master refuses every slot,
             # CLUSTERDOWN, until its replica takes over.)
-            node.options += ["--cluster-require-full-coverage", "no"]
+            "--cluster-require-full-coverage", "no",
             # Replicas sync at once, not after Redis's 5 s wait for others.
-            node.options += ["--repl-diskless-sync-delay", "0"]
+            "--repl-diskless-sync-delay", "0",
+        ])
 
     def start(self) -> None:
-        for node in self.nodes:
-            self.bus_ports[node] = free_port()
-            node.start(extra=["--cluster-port", str(self.bus_ports[node])])
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *(node.address for node in self.nodes),
-             "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, capture_output=True, timeout=READY_DEADLINE * 2,
-        )
-        self.wait_ok()
+        super().start()
         # A replica that never synced does not take over: wait for each.
         give_up = time.monotonic() + READY_DEADLINE
         for node in self.nodes:

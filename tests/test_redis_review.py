@@ -12,27 +12,14 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mqmq.broker.limits import Limits
 from mqmq.redis import RedisUnavailable, Script
 from mqmq.stores import redis as redis_module
-from mqmq.stores.redis import RedisStore
-from redis_support import RedisServer, unique_prefix
+from redis_support import RedisServer
 from redis_sync import SyncRedis
-from wire import Server, redis_store
+from test_redis_store import servers, store_of, tick
+from wire import Server
 
 OK = [b"OK"]
-
-
-def servers(redis_server: RedisServer, count: int, limits: Limits = Limits()) -> list[Server]:
-    """``count`` servers (brokers on fake clocks) sharing one Redis and prefix."""
-    prefix = unique_prefix("review")
-    return [Server(limits, store=redis_store(redis_server.address, prefix), remote=True) for _ in range(count)]
-
-
-def store_of(server: Server) -> RedisStore:
-    store = server.broker.store
-    assert isinstance(store, RedisStore)
-    return store
 
 
 def sync_client(server: Server) -> SyncRedis:
@@ -40,12 +27,6 @@ def sync_client(server: Server) -> SyncRedis:
     while not isinstance(client, SyncRedis):
         client = client.client
     return client
-
-
-def tick(server: Server) -> None:
-    """A second passes for the server's store (its sweep, its look at waited-on queues)."""
-    server.store_clock.advance(1.2)
-    server.settle()
 
 
 def keys_of(server: Server, name: bytes) -> list[bytes]:
