@@ -291,7 +291,7 @@ def test_a_queue_with_buried_or_reserved_messages_is_never_forgotten() -> None:
 
 
 class _StoreWithoutReservations(MemoryStore):
-    """A store that keeps no reservations (as the Redis store may, at first)."""
+    """A store that keeps no reservations (as the original server keeps none)."""
 
     acknowledged_delivery = False
 

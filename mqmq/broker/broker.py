@@ -31,7 +31,7 @@ from mqmq.wire.info import (
 from mqmq.broker.leases import Leases
 from mqmq.broker.limits import Limits
 from mqmq.broker.stats import Counters
-from mqmq.stores.base import Entry, ReservingQueue, Store, StoredQueue
+from mqmq.stores.base import Entry, RemoteQueue, RemoteStore, ReservingQueue, Store, StoredQueue
 from mqmq.stores.memory import MemoryStore
 
 #: Work done in one turn of the reactor while building a large ``Info``:
@@ -133,7 +133,8 @@ class Waiter:
             self.timer.cancel()
 
     def _time_out(self, timeout: float) -> None:
-        if not self.extended and (self.queue.messages or getattr(self.queue.messages, "fetching", False)):
+        messages = self.queue.messages
+        if not self.extended and (messages or self.broker._remote and cast(RemoteQueue, messages).fetching):
             # The queue is not empty: its store is fetching messages (from a
             # disk), which go to the waiters as soon as they are in.
             self.extended = True
@@ -246,9 +247,9 @@ class Broker(service.Service):
         self._store_open = False
         #: Whether queues live elsewhere, shared with other servers (Redis):
         #: then messages reach waiters through the store, never in-process.
-        self._remote = bool(getattr(self.store, "remote", False))
+        self._remote = self.store.remote
         if self._remote:
-            remote = cast(Any, self.store)
+            remote = cast(RemoteStore, self.store)
             remote.waiting = self._waiting_leases
             remote.recounted = self._recounted
             remote.max_deliveries = self._max_deliveries
@@ -471,7 +472,7 @@ class Broker(service.Service):
             self._keep(queue_name, messages, front)
             queue = self._queues.get(queue_name)
             if queue is not None and queue.waiters:
-                cast(Any, queue.messages).want()
+                cast(RemoteQueue, queue.messages).want()
             return
         offers = self._offers
         if offers is not None:
@@ -634,7 +635,7 @@ class Broker(service.Service):
     def _expire_overdue(self, queue: QueueState) -> None:
         # Waiters whose timeouts passed while the store took for them, and
         # got nothing: their wait is over.
-        if cast(Any, queue.messages).fetching:
+        if cast(RemoteQueue, queue.messages).fetching:
             return
         for waiter in [waiter for waiter in queue.waiters if waiter.extended]:
             timer = waiter.timer
@@ -694,7 +695,7 @@ class Broker(service.Service):
         if lease is not None:
             queue.reservers += 1
         if self._remote:
-            cast(Any, queue.messages).want()
+            cast(RemoteQueue, queue.messages).want()
         waiter.timer = self.clock.callLater(timeout, waiter._time_out, timeout)
         return waiter.deferred
 
@@ -859,7 +860,7 @@ class Broker(service.Service):
         self._leases.start(reservation, lease)
         self.reservations_seen = True
         if self._remote:
-            cast(Any, self._queues[queue_name].messages).lease(entry, lease)
+            cast(RemoteQueue, self._queues[queue_name].messages).lease(entry, lease)
 
     def _reservation(self, queue_name: bytes, message_id: int, owner: object) -> Reservation:
         reservation = self._reservations.get((queue_name, message_id))
@@ -930,7 +931,7 @@ class Broker(service.Service):
         if delay > 0:
             if self._remote:
                 # Redis keeps when it comes back, should this server be gone then.
-                cast(Any, self._queue(queue_name, limited=False).messages).lease(reservation.entry, delay)
+                cast(RemoteQueue, self._queue(queue_name, limited=False).messages).lease(reservation.entry, delay)
             reservation.owner = None
             self._delayed.add(reservation)
             reservation.timer = self.clock.callLater(delay, self._come_back, reservation)
@@ -942,7 +943,7 @@ class Broker(service.Service):
         reservation = self._reservation(queue_name, message_id, owner)
         self._leases.start(reservation, lease)
         if self._remote:
-            cast(Any, self._queue(queue_name, limited=False).messages).lease(reservation.entry, lease)
+            cast(RemoteQueue, self._queue(queue_name, limited=False).messages).lease(reservation.entry, lease)
 
     def bury(self, queue_name: bytes, message_id: int, owner: object) -> None:
         """Set a reserved message aside until kicked."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Optional, Protocol
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol, Sequence
 
 from mqmq.stores.health import StoreHealth
 
@@ -112,6 +112,36 @@ class ReservingQueue(StoredQueue, Protocol):
         """Bytes of payload of its buried messages."""
 
 
+class RemoteQueue(ReservingQueue, Protocol):
+    """A queue kept elsewhere and shared with other servers (Redis): the
+    broker never hands its messages over in-process, but tells it of its
+    waiters and leases, and the store takes for them (``Store.arrived``)."""
+
+    def want(self) -> None:
+        """The broker has (new) waiters on the queue: take for them."""
+
+    def lease(self, entry: Entry, seconds: float) -> None:
+        """A reservation's lease (re)starts, or a delayed release's wait."""
+
+    @property
+    def fetching(self) -> bool:
+        """A take for the queue's waiters is on its way (or about to be)."""
+
+
+class RemoteStore(Protocol):
+    """What a store whose queues are :class:`RemoteQueue` ones has besides
+    :class:`Store` (its ``remote`` is True)."""
+
+    #: Set by the broker: the leases (ms; -1 for a ``Get``) of a queue's
+    #: waiters, oldest first.
+    waiting: Optional[Callable[[bytes], Sequence[int]]]
+    #: Set by the broker: a queue's counts changed by other servers (or
+    #: read afresh): ready, their bytes, buried, their bytes.
+    recounted: Optional[Callable[[bytes, int, int, int, int], object]]
+    #: Set by the broker: ``--max-deliveries`` (0: none).
+    max_deliveries: int
+
+
 class Store(Protocol):
     """Where messages are kept.  The broker knows stores only through this."""
 
@@ -125,6 +155,9 @@ class Store(Protocol):
     #: Whether its queues are :class:`ReservingQueue` ones (else the broker
     #: refuses ``Reserve``, and there is nothing to ``Ack``).
     acknowledged_delivery: bool
+    #: Whether its queues are :class:`RemoteQueue` ones, shared with other
+    #: servers (then it is a :class:`RemoteStore` too).
+    remote: bool
     #: Set by the broker: called with (queue name, message) for each message
     #: a store had taken but dropped because writing it failed.
     dropped: Optional[Callable[[bytes, bytes], object]]

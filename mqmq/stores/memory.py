@@ -197,6 +197,8 @@ class MemoryStore:
     #: Nothing is written: no commits to tell of.
     health: Optional[StoreHealth] = None
     acknowledged_delivery = True
+    #: Its queues are its own (not shared with other servers).
+    remote = False
     dropped: Optional[Callable[[bytes, bytes], object]] = None
     #: Never called: every message is always at hand.
     arrived: Optional[Callable[[bytes], object]] = None

@@ -540,6 +540,8 @@ class SqliteStore:
     log = Logger()
     durable = True
     acknowledged_delivery = True
+    #: Its queues are its own (not shared with other servers).
+    remote = False
 
     def __init__(
         self,
