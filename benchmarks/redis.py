@@ -325,7 +325,8 @@ class RedisBench:
     python: str
     prefix: str
     token: str = field(default_factory=lambda: os.urandom(3).hex())
-    nproc: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    nproc: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else (os.cpu_count() or 1))
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     #: Every server and generator running, for stop_all.
