@@ -303,3 +303,23 @@ def test_stopping_writes_what_is_pending_and_answers_nothing_redis_did_not_take(
     assert store_of(server).stop().called
     # The Ack is tried again, and again refused: never answered OK.
     assert connection.replies() == []
+
+
+def test_redis_back_is_logged_but_a_first_connection_is_no_news(redis_server: RedisServer) -> None:
+    from twisted.internet.task import Clock
+    from twisted.logger import capturedLogs, formatEvent
+
+    client = SyncRedis(redis_server.host, redis_server.port)
+    store = RedisStore(f"redis://{redis_server.address}/0", Clock(), unique_prefix("log"), client=client)
+    with capturedLogs() as events:
+        client.failure = "connecting (test)"  # as a real client is until connected
+        store.open()
+        store.start()
+        client.set_down(False)  # connected, after the store started
+        first = [formatEvent(event) for event in events]
+        client.set_down(True)
+        client.set_down(False)
+    lines = [formatEvent(event) for event in events]
+    assert not any("takes work again" in line for line in first), first
+    assert sum("takes work again" in line for line in lines) == 1, lines
+    store.stop()

@@ -395,6 +395,8 @@ class RedisStore:
         self._started = False
         # Why this Redis must not keep messages (too old, or evicting), once known.
         self._refusal: Optional[str] = None
+        # Whether Redis has taken work yet (a first connection is no news).
+        self._worked = False
         self._checked = False
         index = prefix + b"{idx}:"
         self._index_keys = [index + b"leases", index + b"ver", index + b"empty"]
@@ -510,8 +512,9 @@ class RedisStore:
                 return
         if failure is None and (was is not None or self._sharded and self.client.failure is None):
             self.health.failing = False
-            if self._started and was is not None:
+            if self._worked and was is not None:
                 self.log.info("Redis takes work again: {store}", store=self.describe())
+            self._worked = True
             # Back: what waits goes out, and waiters look again.
             for queue in self._queues.values():
                 queue._resume_at = 0.0
