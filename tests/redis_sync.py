@@ -8,26 +8,13 @@ Subscriptions are only confirmed (a test's single server wakes itself).
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer
 
 from mqmq.redis import RedisError, RedisUnavailable, Script
-
-
-def _encode(args: Sequence[Any]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode("utf-8")
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        elif isinstance(arg, float):
-            arg = repr(arg).encode("ascii")
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
+from mqmq.redis.resp import Parser, encode
 
 
 class SyncRedis:
@@ -38,7 +25,6 @@ class SyncRedis:
         self.failure: Optional[str] = None
         self.on_state: Optional[Callable[[Optional[str]], object]] = None
         self._socket: Optional[socket.socket] = None
-        self._file: Any = None
         #: Set to make every command fail as if Redis were unreachable.
         self.down = False
         self.subscribed: set[bytes] = set()
@@ -50,7 +36,8 @@ class SyncRedis:
 
     def start(self) -> None:
         self._socket = socket.create_connection(self.address)
-        self._file = self._socket.makefile("rb")
+        self._parser = Parser()
+        self._replies: list[Any] = []
 
     def stop(self) -> defer.Deferred[None]:
         if self._socket is not None:
@@ -66,30 +53,19 @@ class SyncRedis:
             self.on_state(self.failure)
 
     def _read(self) -> Any:
-        line = self._file.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            return RedisError(rest.decode("utf-8", "replace"))
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            data = self._file.read(size + 2)
-            return data[:-2]
-        if kind == b"*":
-            size = int(rest)
-            return None if size < 0 else [self._read() for _ in range(size)]
-        raise AssertionError(f"unexpected reply {line!r}")
+        """One reply (an error reply as a RedisError value), read as the client reads."""
+        while not self._replies:
+            data = self._socket.recv(65536) if self._socket is not None else b""
+            if not data:
+                raise RedisUnavailable("Redis closed the connection (test)")
+            self._replies.extend(self._parser.feed(data))
+        return self._replies.pop(0)
 
     def command(self, *args: Any) -> Any:
         """One command, answered (an error reply raised)."""
         assert self._socket is not None, "not started"
         self.sent.append(str(args[0]).encode() if not isinstance(args[0], bytes) else args[0])
-        self._socket.sendall(_encode(args))
+        self._socket.sendall(encode(args))
         reply = self._read()
         if isinstance(reply, RedisError):
             raise reply
@@ -106,10 +82,9 @@ class SyncRedis:
     def eval(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> defer.Deferred[Any]:
         if self.down:
             return defer.fail(RedisUnavailable("Redis is down (test)"))
-        sha = hashlib.sha1(script.source).hexdigest()
         try:
             try:
-                return defer.succeed(self.command(b"EVALSHA", sha, len(keys), *keys, *args))
+                return defer.succeed(self.command(b"EVALSHA", script.sha, len(keys), *keys, *args))
             except RedisError as error:
                 if not str(error).startswith("NOSCRIPT"):
                     raise
