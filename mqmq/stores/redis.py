@@ -369,9 +369,9 @@ class RedisStore:
         self.max_deliveries = 0
         self.health = StoreHealth()
         self._queues: dict[bytes, RedisQueue] = {}
-        self._recount_order: list[bytes] = []
-        # Queues new to this server wait for their counts (read at the flush).
-        self._to_count = False
+        self._recount_order: deque[bytes] = deque()
+        # Queues new to this server: their counts are read at the next flush.
+        self._uncounted: list[bytes] = []
         self._scripts: dict[RedisQueue, _Script] = {}
         # Scripts of queues waiting for their retry, in order: they go before
         # anything newer for the queue, and are closed to new operations.
@@ -527,8 +527,7 @@ class RedisStore:
     def queue(self, name: bytes) -> RedisQueue:
         queue = self._queues[name] = RedisQueue(self, name)
         # Its counts, for Info, once the broker holds it (in the next turn).
-        self._recount_order.insert(0, name)
-        self._to_count = True
+        self._uncounted.append(name)
         self._schedule_flush()
         return queue
 
@@ -614,9 +613,9 @@ class RedisStore:
                             self._plan_take(queue)
         finally:
             self._flushing = False
-        if self._to_count and self.failure is None:
-            self._to_count = False
-            self._recount()
+        if self._uncounted and self.failure is None:
+            names, self._uncounted = self._uncounted, []
+            self._count(names)
         scripts, self._scripts = self._scripts, {}
         batch, self.pending = self.pending, None
         if batch is not None:
@@ -862,10 +861,12 @@ class RedisStore:
 
     def _recount(self) -> None:
         """Read afresh the counts of the next few queues, for ``Info``."""
-        if not self._recount_order:
-            self._recount_order = list(self._queues)
-        names, self._recount_order = (self._recount_order[:RECOUNT_PER_TICK],
-                                      self._recount_order[RECOUNT_PER_TICK:])
+        order = self._recount_order
+        if not order:
+            order.extend(self._queues)
+        self._count([order.popleft() for _ in range(min(RECOUNT_PER_TICK, len(order)))])
+
+    def _count(self, names: list[bytes]) -> None:
         for name in names:
             queue = self._queues.get(name)
             if queue is not None and not queue._unconfirmed and queue not in self._scripts:
